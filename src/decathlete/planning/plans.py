@@ -1,0 +1,128 @@
+"""Typed plans: the JSON contract between planning, preprocessing, training and inference.
+
+Every shape, spacing and stride is in array-axis order (z, y, x) — (y, x) for the in-plane entries of a 2D
+configuration — as ``../shared/docs/cli-contract.md`` requires. A network is named by registry key plus JSON kwargs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PLANS_VERSION = 1
+
+
+@dataclass
+class NetworkSpec:
+    """A registered network and the kwargs to build it (excluding in/out channels, which come from the dataset)."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Configuration:
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``).
+
+    Attributes:
+        spacing: target voxel spacing in mm, (z, y, x), used by preprocessing (3 values for 2D configs too).
+        patch_size: network input size, (z, y, x) for 3D and (y, x) for 2D.
+        batch_size: samples per optimiser step.
+        strides: per stage, downsampling per patch axis; the first stage is all ones.
+        kernel_sizes: per stage, convolution kernel per patch axis.
+        features_per_stage: encoder width per stage.
+        normalization: one spec per channel (``{"scheme": "ct"|"zscore"|"none", ...}``).
+        network: registry key + kwargs that build the network (the same description the memory estimate used).
+        median_shape: median case shape at ``spacing`` (z, y, x), after cropping to the nonzero region.
+        resampling: orders and anisotropy threshold for preprocessing and its inverse.
+        memory_estimate_gb: estimated training memory for this patch and batch.
+        parameters: trainable parameter count of the network.
+        data_identifier: subfolder name of the preprocessed data (configurations with equal spacing may share it).
+        spatial_dims: 2 or 3.
+    """
+
+    spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    features_per_stage: list[int]
+    normalization: list[dict[str, Any]]
+    network: NetworkSpec
+    median_shape: list[int]
+    resampling: dict[str, Any]
+    memory_estimate_gb: float
+    parameters: int
+    data_identifier: str
+    spatial_dims: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Configuration:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["network"] = NetworkSpec(**d["network"])
+        return cls(**kwargs)
+
+
+@dataclass
+class Plans:
+    """Everything the later stages need, written to ``WORKDIR/plans.json``."""
+
+    dataset: dict[str, Any]
+    fingerprint_summary: dict[str, Any]
+    planner: str
+    recipe: str
+    gpu_memory_gb: float
+    configurations: dict[str, Configuration]
+    version: int = PLANS_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plans:
+        if d.get("version", 0) > PLANS_VERSION:
+            raise ValueError(f"plans version {d['version']} is newer than this decathlete understands ({PLANS_VERSION})")
+        configs = {name: Configuration.from_dict(c) for name, c in d["configurations"].items()}
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "configurations": configs})
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plans:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `decathlete plan DATASET -o {path.parent}` first")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def configuration(self, name: str) -> Configuration:
+        if name not in self.configurations:
+            raise KeyError(f"configuration '{name}' is not in the plans; available: {', '.join(self.configurations)}")
+        return self.configurations[name]
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

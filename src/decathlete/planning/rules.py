@@ -1,0 +1,220 @@
+"""The default planner: nnU-Net v2's rules, turning a fingerprint into ``2d``, ``3d_fullres`` and ``3d_lowres`` plans.
+
+Rules (Isensee et al. 2021, https://doi.org/10.1038/s41592-020-01008-z, and nnU-Net v2's ExperimentPlanner):
+target spacing is the median spacing, except that a strongly anisotropic axis takes the 10th percentile of its
+spacings; an axis is pooled while its spacing is within 2x of the finest and its size stays >= 8 (bottleneck >= 4);
+kernels are 1 on an axis much coarser than the others; features start at 32 and double, capped at 320 (3D) / 512
+(2D); the patch starts with the aspect ratio of 1/spacing and ~256^3 voxels (2048^2 in 2D), clipped to the median
+shape, and the axis with the largest patch/median ratio shrinks until the activation-memory estimate fits the
+budget; batch >= 2 and covers at most 5% of the dataset's voxels.
+
+The memory estimate is ``feature_map_elements`` of the registered network built from the very kwargs written to
+plans.json, times a bytes-per-element constant. The constants are calibrated on nnU-Net's reference points (a
+network with 560e6 activation elements per sample trains with batch 2 in 8 GB in 3D; 85e6 with batch 12 in 2D), so
+with the plain U-Net our plans match nnU-Net's, and any other registered network plans through the same seam.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from decathlete.planning.plans import Configuration, NetworkSpec, Plans
+from decathlete.recipes.default import Recipe
+from decathlete.registry import get, register_planner
+
+GIB = 1024**3
+REFERENCE_GB = 8.0
+# (activation elements per sample, batch size) that fit REFERENCE_GB, per spatial dimensionality (nnU-Net v2).
+REFERENCE_POINTS = {3: (560_000_000, 2), 2: (85_000_000, 12)}
+BYTES_PER_ELEMENT = {d: REFERENCE_GB * GIB / (e * b) for d, (e, b) in REFERENCE_POINTS.items()}
+ANISOTROPY_THRESHOLD = 3.0
+MIN_FEATURE_MAP_SIZE = 4
+MIN_BATCH_SIZE = 2
+MAX_DATASET_COVERED = 0.05
+LOWRES_THRESHOLD = 0.25
+LOWRES_SPACING_STEP = 1.03
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
+    """Median spacing, with the anisotropy rule for a coarse axis that also has few voxels (array order)."""
+    target = np.median(spacings, axis=0)
+    median_shape = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    aniso_spacing = target[worst] > threshold * max(target[others])
+    aniso_voxels = median_shape[worst] * threshold < min(median_shape[others])
+    if aniso_spacing and aniso_voxels:
+        coarse = float(np.percentile(spacings[:, worst], 10))
+        if coarse < max(target[others]):  # never finer than the other axes
+            coarse = max(max(target[others]), coarse) + 1e-5
+        target[worst] = coarse
+    return target
+
+
+def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int = MIN_FEATURE_MAP_SIZE
+                        ) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+    """Strides, kernel sizes, the patch padded to a valid size, and the divisor each axis must respect.
+
+    An axis is pooled while its size stays >= 2 * ``min_size`` and its current spacing is within 2x of the finest
+    poolable axis; a lone poolable axis needs >= 3 * ``min_size``. Kernels are 3 on an axis once its spacing is
+    within 2x of the finest, 1 before that; the bottleneck kernel is always 3.
+    """
+    dims = len(spacing)
+    cur_spacing, cur_size = list(map(float, spacing)), list(map(float, patch))
+    strides, kernels, kernel, n_pool = [[1] * dims], [], [1] * dims, [0] * dims
+    while True:
+        valid = [i for i in range(dims) if cur_size[i] >= 2 * min_size]
+        if not valid:
+            break
+        finest = min(cur_spacing[i] for i in valid)
+        valid = [i for i in valid if cur_spacing[i] / finest < 2]
+        if len(valid) == 1 and cur_size[valid[0]] < 3 * min_size:
+            break
+        for d in range(dims):
+            if kernel[d] != 3 and cur_spacing[d] / min(cur_spacing) < 2:
+                kernel[d] = 3
+        stride = [1] * dims
+        for v in valid:
+            stride[v], n_pool[v] = 2, n_pool[v] + 1
+            cur_spacing[v] *= 2
+            cur_size[v] = np.ceil(cur_size[v] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    kernels.append([3] * dims)
+    divisor = [2**n for n in n_pool]
+    padded = [int(np.ceil(p / d) * d) for p, d in zip(patch, divisor)]
+    return strides, kernels, padded, divisor
+
+
+def normalization_specs(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """CT: clip to dataset foreground 0.5-99.5 percentiles and z-score with dataset stats; else per-image z-score,
+    inside the nonzero mask when cropping removed more than 25% of the median image."""
+    use_mask = fingerprint["median_crop_fraction"] < 0.75
+    specs = []
+    for stats in fingerprint["foreground_intensity"]:
+        if stats["name"].strip().upper() == "CT":
+            specs.append({"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
+                          "mean": stats["mean"], "std": stats["std"]})
+        else:
+            specs.append({"scheme": "zscore", "use_nonzero_mask": bool(use_mask)})
+    return specs
+
+
+def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels: list[list[int]]) -> dict[str, Any]:
+    """The network description written to plans.json, from the recipe's choices and the topology."""
+    p = recipe.planning
+    n_stages = len(strides)
+    cap = p.get("max_features_3d", 320) if dims == 3 else p.get("max_features_2d", 512)
+    base = p.get("base_features", 32)
+    blocks = p.get("n_blocks_per_stage", 2)
+    if not isinstance(blocks, int):
+        blocks = (list(blocks) + [blocks[-1]] * n_stages)[:n_stages]
+    return {**recipe.net.kwargs, "spatial_dims": dims,
+            "features_per_stage": [min(base * 2**i, cap) for i in range(n_stages)],
+            "kernel_sizes": kernels, "strides": strides, "n_blocks_per_stage": blocks,
+            "n_conv_per_stage_decoder": p.get("n_conv_per_stage_decoder", 2)}
+
+
+def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: int, n_in: int, n_out: int) -> float:
+    """Training-memory estimate in GiB for ``batch`` samples of ``patch`` through the described network."""
+    elements = get("nets", net_name).feature_map_elements(patch, n_in, n_out, **kwargs)
+    return batch * elements * BYTES_PER_ELEMENT[len(patch)] / GIB
+
+
+def plan_configuration(spacing: list[float], median_shape: list[float], n_in: int, n_out: int, recipe: Recipe,
+                       budget_gb: float, dataset_voxels: float, **extra: Any) -> Configuration:
+    """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order)."""
+    dims = len(spacing)
+    inv = 1.0 / np.asarray(spacing, dtype=float)
+    start = 256**3 if dims == 3 else 2048**2
+    patch = np.minimum(np.round(inv * (start / np.prod(inv)) ** (1 / dims)), median_shape).tolist()
+    net = recipe.net.name
+    ref_batch = REFERENCE_POINTS[dims][1]
+    strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
+    kwargs = network_kwargs(recipe, dims, strides, kernels)
+    while memory_gb(net, kwargs, patch, ref_batch, n_in, n_out) > budget_gb:
+        axis = int(np.argmax(np.asarray(patch) / np.asarray(median_shape)))
+        trial = list(patch)
+        trial[axis] -= divisor[axis]
+        divisor = pool_and_conv_props(spacing, trial)[3]
+        patch[axis] -= divisor[axis]
+        strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
+        kwargs = network_kwargs(recipe, dims, strides, kernels)
+    per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
+    batch = round(budget_gb / per_sample)
+    batch_cap = round(dataset_voxels * MAX_DATASET_COVERED / float(np.prod(patch)))
+    batch = max(min(batch, batch_cap), MIN_BATCH_SIZE)
+    return Configuration(
+        spacing=[float(s) for s in extra.pop("full_spacing", spacing)], patch_size=[int(p) for p in patch],
+        batch_size=int(batch), strides=strides, kernel_sizes=kernels, features_per_stage=kwargs["features_per_stage"],
+        normalization=extra.pop("normalization"), network=NetworkSpec(net, kwargs),
+        median_shape=[int(round(m)) for m in median_shape], memory_estimate_gb=round(per_sample * batch, 3),
+        parameters=get("nets", net).parameter_count(n_in, n_out, **kwargs), spatial_dims=dims, **extra)
+
+
+def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray) -> np.ndarray:
+    shapes = [np.round(np.asarray(c["shape_after_crop"]) * np.asarray(c["spacing"]) / spacing)
+              for c in fingerprint["cases"]]
+    return np.median(shapes, axis=0)
+
+
+@register_planner("nnunet")
+def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Recipe,
+                gpu_memory_gb: float = REFERENCE_GB) -> Plans:
+    """nnU-Net v2's planning rules (the default planner)."""
+    budget = float(recipe.planning.get("gpu_memory_gb", gpu_memory_gb))
+    spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
+    shapes = np.array([c["shape_after_crop"] for c in fingerprint["cases"]])
+    full_spacing = target_spacing(spacings, shapes)
+    median_shape = _median_shape_at(fingerprint, full_spacing)
+    n_in = len(fingerprint["channel_names"])
+    n_out = len(dataset["regions"]) if dataset.get("regions") else len(fingerprint["label_values"])
+    dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
+    norm = normalization_specs(fingerprint)
+    resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
+                  "separate_axis_order": 0}
+    common = {"normalization": norm, "resampling": resampling}
+    configs = {}
+    slice_axis = int(np.argmax(full_spacing)) if np.ptp(full_spacing) > 0 else 0
+    in_plane = [i for i in range(3) if i != slice_axis]
+    configs["2d"] = plan_configuration(
+        full_spacing[in_plane].tolist(), median_shape[in_plane].tolist(), n_in, n_out, recipe, budget,
+        dataset_voxels, full_spacing=full_spacing.tolist(), data_identifier="2d",
+        notes=[f"slices along array axis {slice_axis}; the slice axis keeps each case's own spacing"],
+        **{**common, "resampling": {**resampling, "slice_axis": slice_axis, "keep_slice_axis_spacing": True}})
+    fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
+                                 dataset_voxels, data_identifier="3d_fullres", **common)
+    configs["3d_fullres"] = fullres
+    if np.prod(fullres.patch_size) / np.prod(median_shape) < LOWRES_THRESHOLD:
+        lowres = _plan_lowres(fingerprint, full_spacing, n_in, n_out, recipe, budget, dataset_voxels, common)
+        if lowres is not None:
+            configs["3d_lowres"] = lowres
+    return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
+                 gpu_memory_gb=budget, configurations=configs)
+
+
+def _plan_lowres(fingerprint: dict[str, Any], full_spacing: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
+                 budget: float, dataset_voxels: float, common: dict[str, Any]) -> Configuration | None:
+    """Coarsen the spacing (anisotropy-aware, 3% a step) until the patch covers the median image."""
+    spacing = full_spacing.copy()
+    while True:
+        coarse = spacing.max() / spacing > 2
+        spacing = np.where(coarse, spacing * LOWRES_SPACING_STEP, spacing) if coarse.any() \
+            else spacing * LOWRES_SPACING_STEP
+        median = _median_shape_at(fingerprint, spacing)
+        config = plan_configuration(spacing.tolist(), median.tolist(), n_in, n_out, recipe, budget, dataset_voxels,
+                                    data_identifier="3d_lowres", **common)
+        if np.prod(config.patch_size) / np.prod(median) >= 1 or (median < 8).any():
+            break
+    # nnU-Net drops a lowres stage that is barely coarser than fullres: it would add training time for nothing.
+    if np.prod(_median_shape_at(fingerprint, full_spacing)) / np.prod(median) < 2:
+        return None
+    return config
+
+
+def summarise(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The planner-relevant part of the fingerprint, copied into plans.json."""
+    return {k: fingerprint[k] for k in ("n_cases", "median_spacing", "median_shape_after_crop",
+                                        "median_crop_fraction", "foreground_intensity")}

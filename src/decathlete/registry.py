@@ -1,0 +1,107 @@
+"""One registry for every pluggable component: networks, losses, recipes, planners and samplers.
+
+A component registers itself with a decorator when its module is imported (the timm pattern), so nothing
+scans folders and nothing reads environment variables. Plans store the registry *key* plus JSON kwargs,
+never an import path. A user's own package registers the same way and is loaded with ``--plugin PKG``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+KINDS = ("nets", "losses", "recipes", "planners", "samplers")
+
+_REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+
+# Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
+_BUILTIN_MODULES = {
+    "nets": ("decathlete.nets.unet",),
+    "losses": (),
+    "recipes": ("decathlete.recipes.default",),
+    "planners": ("decathlete.planning.rules",),
+    "samplers": (),
+}
+
+
+def _register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+        table = _REGISTRY[kind]
+        if name in table and table[name] is not obj:
+            warnings.warn(f"{kind[:-1]} '{name}' registered twice; the later one wins", stacklevel=2)
+        table[name] = obj
+        return obj
+
+    return decorator
+
+
+def register_net(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a network class or builder under ``name``."""
+    return _register("nets", name)
+
+
+def register_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a loss class or builder under ``name``."""
+    return _register("losses", name)
+
+
+def register_recipe(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a recipe factory (returns a ``Recipe``) under ``name``."""
+    return _register("recipes", name)
+
+
+def register_planner(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a planner function ``(fingerprint, dataset, options) -> Plans`` under ``name``."""
+    return _register("planners", name)
+
+
+def register_sampler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a patch sampler under ``name``."""
+    return _register("samplers", name)
+
+
+def _load_builtins(kind: str) -> None:
+    for module in _BUILTIN_MODULES[kind]:
+        importlib.import_module(module)
+
+
+def load_plugin(package: str) -> None:
+    """Import a user package so that its decorators register its components.
+
+    Raises:
+        ImportError: with the package name, when it cannot be imported.
+    """
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise ImportError(f"cannot import plugin '{package}': {err}. Is it installed in this environment?") from err
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+    """Return the component registered as ``name`` of ``kind``.
+
+    Raises:
+        KeyError: naming the known alternatives, when ``name`` is not registered.
+    """
+    if kind not in _REGISTRY:
+        raise KeyError(f"unknown registry kind '{kind}'; choose one of {', '.join(KINDS)}")
+    _load_builtins(kind)
+    table = _REGISTRY[kind]
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise KeyError(f"no {kind[:-1]} named '{name}' is registered (known: {known}); load a plugin with --plugin")
+    return table[name]
+
+
+def build(kind: str, name: str, **kwargs: Any) -> Any:
+    """Look up ``name`` and call it with ``kwargs``."""
+    return get(kind, name)(**kwargs)
+
+
+def names(kind: str, pattern: str = "*") -> list[str]:
+    """Registered names of ``kind`` matching a shell-style wildcard, sorted."""
+    _load_builtins(kind)
+    return sorted(n for n in _REGISTRY[kind] if fnmatch.fnmatch(n, pattern))
