@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_planning import fake_fingerprint  # noqa: E402
-
 from decathlete import registry  # noqa: E402
 from decathlete.planning import rules  # noqa: E402
 from decathlete.recipes.default import get_recipe  # noqa: E402
+from test_planning import fake_fingerprint  # noqa: E402
 
 CASES = {
     "hippocampus_like": ((36, 50, 35), (1.0, 1.0, 1.0), 200),
@@ -59,9 +58,10 @@ def main() -> None:
             plans = rules.plan_nnunet(fake_fingerprint(shape, spacing, n_cases=n), {"name": name}, get_recipe(recipe))
             for cname, config in plans.configurations.items():
                 measured = measure(config, 1, 3)
+                estimate = config.memory_estimate_gb
                 rows.append({"case": name, "recipe": recipe, "config": cname, "patch": config.patch_size,
-                             "batch": config.batch_size, "estimate_gb": config.memory_estimate_gb,
-                             "measured_gb": round(measured, 3), "ratio": round(measured / config.memory_estimate_gb, 3)})
+                             "batch": config.batch_size, "estimate_gb": estimate,
+                             "measured_gb": round(measured, 3), "ratio": round(measured / estimate, 3)})
                 print(json.dumps(rows[-1]), flush=True)
                 torch.cuda.empty_cache()
     if args.out:

@@ -80,11 +80,14 @@ def test_pool_and_conv_props_pads_patch_to_divisor() -> None:
 
 
 def test_hippocampus_like_plan_matches_nnunet() -> None:
-    """nnU-Net v2 plans Task04 (median 36x50x35 at 1 mm) as patch 40x56x40 with 4 stages."""
+    """nnU-Net v2.8.1 plans Task04 (median 36x50x35 at 1 mm, 200 cases) as 3d_fullres patch 40x56x40, batch 7,
+    4 stages, and 2d patch 56x40, batch 281 (read from its nnUNetPlans.json for our copy of the data)."""
     fp = fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0), n_cases=200)
     plans = rules.plan_nnunet(fp, {"name": "fake"}, get_recipe("default"))
-    full = plans.configurations["3d_fullres"]
-    assert full.patch_size == [40, 56, 40]
+    full, two_d = plans.configurations["3d_fullres"], plans.configurations["2d"]
+    assert (full.patch_size, full.batch_size, full.parameters) == ([40, 56, 40], 7, 5_601_545)
+    assert (two_d.patch_size, two_d.batch_size, two_d.features_per_stage) == ([56, 40], 281, [32, 64, 128, 256])
+    assert two_d.batch_dice and not full.batch_dice
     assert full.features_per_stage == [32, 64, 128, 256]
     assert full.kernel_sizes == [[3, 3, 3]] * 4
     assert "3d_lowres" not in plans.configurations

@@ -133,9 +133,10 @@ class DynamicUNet(nn.Module):
     @staticmethod
     def feature_map_elements(patch_size: Sequence[int], in_channels: int, num_classes: int, *,
                              features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
-                             n_blocks_per_stage: int | Sequence[int] = 2, n_conv_per_stage_decoder: int | Sequence[int] = 2,
-                             block: str = "plain", deep_supervision: bool = True, **_: Any) -> int:
-        """Activation elements per sample: the summed output sizes of every convolution, transposed convolution and head.
+                             n_blocks_per_stage: int | Sequence[int] = 2,
+                             n_conv_per_stage_decoder: int | Sequence[int] = 2, block: str = "plain",
+                             deep_supervision: bool = True, **_: Any) -> int:
+        """Activation elements per sample: summed output sizes of every convolution, transposed convolution and head.
 
         Norm/activation outputs and skip concatenations scale with these, so the planner's bytes-per-element
         calibration absorbs them. Args are the constructor's; extra kwargs are ignored.

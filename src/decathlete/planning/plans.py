@@ -43,6 +43,8 @@ class Configuration:
         parameters: trainable parameter count of the network.
         data_identifier: subfolder name of the preprocessed data (configurations with equal spacing may share it).
         spatial_dims: 2 or 3.
+        batch_dice: compute the Dice loss over the whole batch rather than per sample.
+        notes: human-readable remarks of the planner.
     """
 
     spacing: list[float]
@@ -59,6 +61,7 @@ class Configuration:
     parameters: int
     data_identifier: str
     spatial_dims: int
+    batch_dice: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -91,7 +94,7 @@ class Plans:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plans:
         if d.get("version", 0) > PLANS_VERSION:
-            raise ValueError(f"plans version {d['version']} is newer than this decathlete understands ({PLANS_VERSION})")
+            raise ValueError(f"plans version {d['version']} is newer than this decathlete reads ({PLANS_VERSION})")
         configs = {name: Configuration.from_dict(c) for name, c in d["configurations"].items()}
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in d.items() if k in known}, "configurations": configs})

@@ -5,8 +5,8 @@ target spacing is the median spacing, except that a strongly anisotropic axis ta
 spacings; an axis is pooled while its spacing is within 2x of the finest and its size stays >= 8 (bottleneck >= 4);
 kernels are 1 on an axis much coarser than the others; features start at 32 and double, capped at 320 (3D) / 512
 (2D); the patch starts with the aspect ratio of 1/spacing and ~256^3 voxels (2048^2 in 2D), clipped to the median
-shape, and the axis with the largest patch/median ratio shrinks until the activation-memory estimate fits the
-budget; batch >= 2 and covers at most 5% of the dataset's voxels.
+shape, and the axis with the largest patch/median ratio shrinks until the activation-memory estimate for the
+minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the dataset's voxels.
 
 The memory estimate is ``feature_map_elements`` of the registered network built from the very kwargs written to
 plans.json, times a bytes-per-element constant. The constants are calibrated on nnU-Net's reference points (a
@@ -89,12 +89,16 @@ def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int 
 
 
 def normalization_specs(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
-    """CT: clip to dataset foreground 0.5-99.5 percentiles and z-score with dataset stats; else per-image z-score,
-    inside the nonzero mask when cropping removed more than 25% of the median image."""
+    """CT: clip to dataset foreground 0.5-99.5 percentiles and z-score with dataset stats; ``noNorm``: unchanged;
+    anything else: per-image z-score, inside the nonzero mask when cropping removed more than 25% of the median
+    image (channel names are matched case-insensitively, as nnU-Net does)."""
     use_mask = fingerprint["median_crop_fraction"] < 0.75
     specs = []
     for stats in fingerprint["foreground_intensity"]:
-        if stats["name"].strip().upper() == "CT":
+        name = stats["name"].strip().lower()
+        if name in ("nonorm", "none"):
+            specs.append({"scheme": "none"})
+        elif name == "ct":
             specs.append({"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
                           "mean": stats["mean"], "std": stats["std"]})
         else:
@@ -131,11 +135,11 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
     start = 256**3 if dims == 3 else 2048**2
     patch = np.minimum(np.round(inv * (start / np.prod(inv)) ** (1 / dims)), median_shape).tolist()
     net = recipe.net.name
-    ref_batch = REFERENCE_POINTS[dims][1]
     strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
     kwargs = network_kwargs(recipe, dims, strides, kernels)
-    while memory_gb(net, kwargs, patch, ref_batch, n_in, n_out) > budget_gb:
-        axis = int(np.argmax(np.asarray(patch) / np.asarray(median_shape)))
+    while memory_gb(net, kwargs, patch, MIN_BATCH_SIZE, n_in, n_out) > budget_gb:
+        ratios = np.asarray(patch) / np.asarray(median_shape)
+        axis = int(len(ratios) - 1 - np.argmax(ratios[::-1]))  # the last of equally large axes, as nnU-Net
         trial = list(patch)
         trial[axis] -= divisor[axis]
         divisor = pool_and_conv_props(spacing, trial)[3]
@@ -144,7 +148,8 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         kwargs = network_kwargs(recipe, dims, strides, kernels)
     per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
     batch = round(budget_gb / per_sample)
-    batch_cap = round(dataset_voxels * MAX_DATASET_COVERED / float(np.prod(patch)))
+    covered = recipe.planning.get("max_dataset_covered", MAX_DATASET_COVERED)
+    batch_cap = round(dataset_voxels * covered / float(np.prod(patch)))
     batch = max(min(batch, batch_cap), MIN_BATCH_SIZE)
     return Configuration(
         spacing=[float(s) for s in extra.pop("full_spacing", spacing)], patch_size=[int(p) for p in patch],
@@ -188,28 +193,33 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
                                  dataset_voxels, data_identifier="3d_fullres", **common)
     configs["3d_fullres"] = fullres
     if np.prod(fullres.patch_size) / np.prod(median_shape) < LOWRES_THRESHOLD:
-        lowres = _plan_lowres(fingerprint, full_spacing, n_in, n_out, recipe, budget, dataset_voxels, common)
+        lowres = _plan_lowres(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)
         if lowres is not None:
             configs["3d_lowres"] = lowres
+    # Batch Dice (nnU-Net): over the batch for 2D and for fullres when a lowres stage exists, else per sample.
+    configs["2d"].batch_dice = True
+    fullres.batch_dice = "3d_lowres" in configs
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
                  gpu_memory_gb=budget, configurations=configs)
 
 
-def _plan_lowres(fingerprint: dict[str, Any], full_spacing: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
+def _plan_lowres(full_spacing: np.ndarray, full_median: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
                  budget: float, dataset_voxels: float, common: dict[str, Any]) -> Configuration | None:
-    """Coarsen the spacing (anisotropy-aware, 3% a step) until the patch covers the median image."""
-    spacing = full_spacing.copy()
+    """Coarsen the spacing (the finer axes first when anisotropic, 3% a step) until the patch covers >= 25% of the
+    median image at that spacing; None when that stage would be barely coarser than fullres."""
+    spacing = full_spacing.astype(float).copy()
     while True:
-        coarse = spacing.max() / spacing > 2
-        spacing = np.where(coarse, spacing * LOWRES_SPACING_STEP, spacing) if coarse.any() \
+        fine = spacing.max() / spacing > 2
+        spacing = np.where(fine, spacing * LOWRES_SPACING_STEP, spacing) if fine.any() \
             else spacing * LOWRES_SPACING_STEP
-        median = _median_shape_at(fingerprint, spacing)
-        config = plan_configuration(spacing.tolist(), median.tolist(), n_in, n_out, recipe, budget, dataset_voxels,
-                                    data_identifier="3d_lowres", **common)
-        if np.prod(config.patch_size) / np.prod(median) >= 1 or (median < 8).any():
+        scale = full_spacing / spacing
+        median = np.round(full_median * scale)
+        config = plan_configuration(spacing.tolist(), median.tolist(), n_in, n_out, recipe, budget,
+                                    dataset_voxels * float(np.prod(scale)), data_identifier="3d_lowres", **common)
+        if np.prod(config.patch_size) / np.prod(median) >= LOWRES_THRESHOLD:
             break
     # nnU-Net drops a lowres stage that is barely coarser than fullres: it would add training time for nothing.
-    if np.prod(_median_shape_at(fingerprint, full_spacing)) / np.prod(median) < 2:
+    if np.prod(full_median) / np.prod(median) < 2:
         return None
     return config
 

@@ -35,7 +35,8 @@ class Recipe:
         iterations_per_epoch: optimiser steps per epoch.
         planning: planner overrides: ``base_features``, ``max_features_3d``, ``max_features_2d``,
             ``n_blocks_per_stage`` (list, repeated/truncated to the stage count), ``n_conv_per_stage_decoder``,
-            ``reference_gb`` (the budget the memory calibration was made for).
+            ``gpu_memory_gb`` (a preset's own budget), ``max_dataset_covered`` (batch cap as a fraction of the
+            dataset's voxels).
     """
 
     name: str
@@ -62,7 +63,7 @@ def resenc_m() -> Recipe:
     """Residual-encoder U-Net, preset M ("nnU-Net Revisited", https://arxiv.org/abs/2404.09556): ~8 GB."""
     return replace(default(), name="resenc_m", net=Spec("unet", {"block": "residual"}),
                    planning={"n_blocks_per_stage": [1, 3, 4, 6, 6, 6, 6], "n_conv_per_stage_decoder": 1,
-                             "gpu_memory_gb": 8})
+                             "gpu_memory_gb": 8, "max_dataset_covered": 1.0})
 
 
 @register_recipe("resenc_l")
