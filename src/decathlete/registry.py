@@ -20,7 +20,8 @@ _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KIND
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
     "nets": ("decathlete.nets.unet",),
-    "losses": (),
+    "losses": ("decathlete.losses.dice", "decathlete.losses.ce", "decathlete.losses.compound",
+               "decathlete.losses.deep_supervision"),
     "recipes": ("decathlete.recipes.default",),
     "planners": ("decathlete.planning.rules",),
     "samplers": (),
