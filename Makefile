@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The comparison systems (nnU-Net v2, MONAI, batchgeneratorsv2) live in their own environment, never in ours.
+BENCH_VENV ?= .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 ONLY ?=
 BENCH_ARGS ?=
 
@@ -20,6 +23,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+$(BENCH_STAMP): benchmarks/requirements-reference.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BENCH_VENV)/bin/pip install --quiet -r benchmarks/requirements-reference.txt
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/decathlete demo
 
@@ -29,8 +38,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache

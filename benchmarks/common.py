@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: result records, machine description, alternating repeated measurements.
+
+Every benchmark compares decathlete with the system a user would otherwise pick, on the same data, on the same
+machine, in the same run: the two sides alternate (A B A B ...) so that drift in machine load hits both, and the
+median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BENCH_VENV = REPO / ".venv-bench"
+
+
+@dataclass
+class Record:
+    """One benchmark result; ``ratio`` is decathlete / reference (so < 1 is better when ``better`` is "lower")."""
+
+    name: str
+    unit: str
+    decathlete: float | None
+    reference: float | None
+    reference_name: str
+    better: str
+    details: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.decathlete is None or not self.reference:
+            return None
+        return self.decathlete / self.reference
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": None if self.ratio is None else round(self.ratio, 4)}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gb": round(mem_gb, 1), "python": platform.python_version(), "system": platform.platform()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def alternate(sides: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, list[dict[str, float]]]:
+    """Run each side ``repeats`` times, interleaved, and collect the measurements of each run."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, run in sides.items():
+            results[name].append(run())
+    return results
+
+
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))

@@ -1,0 +1,65 @@
+"""``make bench``: run the side-by-side benchmarks and write ``benchmarks/results/latest.{json,md}``.
+
+    python benchmarks/run.py [--only preprocess] [--quick] [--repeats 3] [--workers 2]
+
+Reference systems (nnU-Net v2 ...) run from the separate environment ``.venv-bench`` that ``make bench`` creates;
+they are never dependencies of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_preprocess  # noqa: E402
+from common import REPO, git_commit, machine, now  # noqa: E402
+
+BENCHMARKS = {"preprocess": bench_preprocess.run}
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": machine(), "date": now(), "git_commit": git_commit(), "quick": args.quick,
+            "repeats": args.repeats, "workers": args.workers}
+    (out_dir / "latest.json").write_text(json.dumps({**meta, "records": [r.to_dict() for r in records]}, indent=2))
+    lines = [f"# Benchmarks ({meta['date']}, commit {meta['git_commit']}, {meta['machine']['cores']} cores, "
+             f"{'quick' if args.quick else 'full'}, median of {args.repeats})", "",
+             "| benchmark | unit | decathlete | reference | reference system | ratio | better |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r.name} | {r.unit} | {fmt(r.decathlete)} | {fmt(r.reference)} | {r.reference_name} | "
+                     f"{fmt(r.ratio)} | {r.better} |")
+    notes = [f"- **{r.name}**: {r.note}" for r in records if r.note]
+    (out_dir / "latest.md").write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="fewer cases, for a run of a few minutes")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per side (median reported)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes, the same for both sides")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    records = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        records += BENCHMARKS[name](args)
+    write_results(records, args.out_dir, args)
+    print((args.out_dir / "latest.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

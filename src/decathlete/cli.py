@@ -1,0 +1,169 @@
+"""``decathlete <verb>``: the command line (see ../shared/docs/cli-contract.md and the README).
+
+Every verb is a thin wrapper over a function of :mod:`decathlete.api`, so the same work is callable from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from decathlete import __version__, registry
+from decathlete.io.validation import DatasetError
+
+
+def _workers(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("workers must be >= 1")
+    return n
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a raw dataset; lists every problem with its case id and a fix",
+                       description="Check a raw dataset (MSD or nnU-Net v2 layout) without writing anything. "
+                                   "Exit status 1 when any problem is found.")
+    p.add_argument("dataset", help="dataset folder containing dataset.json")
+    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+                   help="processes for reading voxel data (default: up to 4)")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="validate, fingerprint and plan a dataset",
+                       description="Validate the dataset, extract its fingerprint and write WORKDIR/fingerprint.json "
+                                   "and WORKDIR/plans.json (configurations 2d, 3d_fullres and, for large images, "
+                                   "3d_lowres; all sizes in (z, y, x) order).")
+    p.add_argument("dataset", help="dataset folder containing dataset.json")
+    p.add_argument("-o", "--output", required=True, metavar="WORKDIR", help="work folder to write the plans into")
+    p.add_argument("--gpu-memory", type=float, default=8.0, metavar="GiB",
+                   help="memory budget the patch and batch size are fitted to (default 8)")
+    p.add_argument("--planner", default="nnunet", help="registered planner (see `decathlete list planners`)")
+    p.add_argument("--recipe", default="default", help="registered recipe (see `decathlete list recipes`)")
+    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+                   help="processes for validation and fingerprinting")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="crop, resample and normalise every case for the planned configurations",
+                       description="Crop to the nonzero region, normalise and resample every training case of the "
+                                   "dataset recorded in WORKDIR/plans.json into WORKDIR/preprocessed/<config>/. "
+                                   "Finished cases are skipped, so an interrupted run resumes.")
+    p.add_argument("workdir", help="work folder written by `decathlete plan`")
+    p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG",
+                   help="configurations to preprocess (default: all in plans.json)")
+    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+                   help="parallel cases (peak memory grows with one case per worker)")
+    p.set_defaults(func=_cmd_preprocess)
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="show registered networks, losses, recipes or planners",
+                       description="Show what is registered, including components of plugins loaded with --plugin.")
+    p.add_argument("kind", nargs="?", choices=registry.KINDS, help="what to list (default: everything)")
+    p.add_argument("--pattern", default="*", help="shell-style wildcard on names")
+    p.set_defaults(func=_cmd_list)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
+                       description="Generate a synthetic dataset (or use --data DATASET) and run validate, plan and "
+                                   "preprocess on it in a work folder.")
+    p.add_argument("--data", metavar="DATASET", help="a real dataset instead of the built-in synthetic one")
+    p.add_argument("-o", "--output", default="demo_work", metavar="WORKDIR", help="work folder (default demo_work)")
+    p.add_argument("--quick", action="store_true", help="a small variant for smoke tests")
+    p.add_argument("-j", "--workers", type=_workers, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from decathlete.demo import run_demo
+
+    run_demo(args.output, data=args.data, quick=args.quick, workers=args.workers)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from decathlete.api import validate
+
+    problems = validate(args.dataset, workers=args.workers)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: no problems found")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from decathlete.api import plan
+
+    plans = plan(args.dataset, args.output, gpu_memory_gb=args.gpu_memory, planner=args.planner,
+                 recipe=args.recipe, workers=args.workers)
+    for name, c in plans.configurations.items():
+        print(f"{name:11s} spacing {_fmt(c.spacing)}  patch {_fmt(c.patch_size)}  batch {c.batch_size}  "
+              f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.1f} GiB  "
+              f"{c.parameters / 1e6:.1f} M params")
+    print(f"wrote {os.path.join(args.output, 'plans.json')}")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from decathlete.api import preprocess
+
+    results = preprocess(args.workdir, args.configurations, workers=args.workers)
+    compact = {name: {k: v for k, v in r.items() if k != "case_seconds"} for name, r in results.items()}
+    print(json.dumps(compact, indent=2))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for kind in [args.kind] if args.kind else registry.KINDS:
+        print(f"{kind}: {', '.join(registry.names(kind, args.pattern)) or '(none)'}")
+    return 0
+
+
+def _fmt(values: Sequence) -> str:
+    return "x".join(map(str, values)) if values and not isinstance(values[0], list) else \
+        " ".join(_fmt(v) for v in values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb."""
+    parser = argparse.ArgumentParser(prog="decathlete", description="Self-configuring 3D medical image "
+                                     "segmentation. Shapes and spacings are in array order (z, y, x).")
+    parser.add_argument("--version", action="version", version=f"decathlete {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="PKG",
+                        help="import PKG first so that its registered components are available (repeatable)")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for add in (_add_validate, _add_plan, _add_preprocess, _add_demo, _add_list):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``decathlete`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    for package in args.plugin:
+        registry.load_plugin(package)
+    try:
+        return args.func(args)
+    except DatasetError as err:
+        print(f"decathlete {args.verb}: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"decathlete {args.verb}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
