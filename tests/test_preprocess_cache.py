@@ -92,7 +92,7 @@ def test_rerun_completes_interrupted_case_and_cleans_temporaries(tmp_path: Path,
         preprocess_dataset(cases, CONFIG, out, progress=False)
     monkeypatch.setattr(cache, "_write_json", real)
     assert len(cache.list_cases(out)) == 1
-    stale = out / ".c1_data.tmp-999-dead.b2nd"  # what a killed write of c1's image leaves behind
+    stale = out / ".tmp-999-dead-c1_data.b2nd"  # what a killed write of c1's image leaves behind
     stale.write_bytes(b"partial")
     summary = preprocess_dataset(cases, CONFIG, out, progress=False)
     assert summary["n_done"] == 1 and summary["n_skipped"] == 1
@@ -100,8 +100,8 @@ def test_rerun_completes_interrupted_case_and_cleans_temporaries(tmp_path: Path,
 
 
 def test_clean_temporaries_of_one_case_spares_similar_ids(tmp_path: Path) -> None:
-    mine = tmp_path / ".c1_data.tmp-1-aa.npy"
-    other = tmp_path / ".c10_data.tmp-1-bb.npy"
+    mine = tmp_path / ".tmp-1-aa-c1_data.npy"
+    other = tmp_path / ".tmp-1-bb-c10_data.npy"
     mine.write_bytes(b"")
     other.write_bytes(b"")
     assert cache.clean_stale_temporaries(tmp_path, "c1") == 1

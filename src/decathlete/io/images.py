@@ -36,6 +36,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from decathlete.io.atomic import write_atomic
+
 SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK (LPS) <-> nibabel (RAS): flip x and y
@@ -363,14 +365,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         return
-    # The temp name keeps the suffix so the library picks the format; not mkstemp, whose mode 0600 would stick.
-    tmp = folder / f".tmp-{token}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Not mkstemp, whose mode 0600 would stick to the image.
+    write_atomic(path, write)
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, dtype: _DType = None) -> None:

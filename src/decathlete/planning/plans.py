@@ -7,11 +7,11 @@ configuration — as ``../shared/docs/cli-contract.md`` requires. A network is n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from decathlete.io.atomic import write_json_atomic
 
 PLANS_VERSION = 1
 
@@ -113,19 +113,3 @@ class Plans:
         if name not in self.configurations:
             raise KeyError(f"configuration '{name}' is not in the plans; available: {', '.join(self.configurations)}")
         return self.configurations[name]
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -64,14 +64,14 @@ not power loss (no fsync: it would dominate the write time of small cases).
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import blosc2
 import numpy as np
+
+from decathlete.io.atomic import is_temporary_of, write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from decathlete.preprocess.pipeline import PreprocessedCase
@@ -80,7 +80,6 @@ FORMATS = ("b2nd", "npy")
 DEFAULT_FORMAT = "b2nd"
 B2_CHUNK = (64, 64, 64)  # spatial voxels per chunk (all channels together: a patch reads every channel)
 B2_BLOCK = (16, 16, 32)  # spatial voxels per block (one channel): 32 KB of float32, an L1 cache
-_TMP_TAG = ".tmp-"
 
 
 def data_path(out_dir: Path, case_id: str, fmt: str = DEFAULT_FORMAT) -> Path:
@@ -120,21 +119,8 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a hidden temporary in the same folder, then ``os.replace`` it into place."""
-    # The temporary keeps the final suffix: blosc2 tells its containers apart by file name.
-    tmp = path.with_name(f".{path.stem}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    text = json.dumps(obj, indent=1, default=_json_default)
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_json_atomic(path, obj, default=_json_default, indent=1)
 
 
 def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
@@ -169,15 +155,14 @@ def clean_stale_temporaries(out_dir: Path, case_id: str | None = None) -> int:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return 0
-    if case_id is None:
-        prefixes: tuple[str, ...] = (".",)
-    else:
-        # Exact file stems: a prefix match on the id would hit "case_10" while cleaning "case_1".
-        finals = [*_array_files(out_dir, case_id), locations_path(out_dir, case_id), properties_path(out_dir, case_id)]
-        prefixes = tuple(f".{p.stem}{_TMP_TAG}" for p in finals)
+    finals: list[str | None] = [None]
+    if case_id is not None:
+        # Exact final names: a prefix match on the id would hit "case_10" while cleaning "case_1".
+        paths = [*_array_files(out_dir, case_id), locations_path(out_dir, case_id), properties_path(out_dir, case_id)]
+        finals = [p.name for p in paths]
     removed = 0
     for p in out_dir.iterdir():
-        if p.name.startswith(prefixes) and _TMP_TAG in p.name:
+        if any(is_temporary_of(p, name) for name in finals):
             p.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -201,16 +186,16 @@ def write_case(out_dir: Path, case_id: str, pre: PreprocessedCase, fmt: str = DE
     for old in _array_files(out_dir, case_id):  # leftovers of another format or of a labelled version
         old.unlink(missing_ok=True)
     data = np.ascontiguousarray(pre.data, dtype=np.float32)
-    _write_atomic(data_path(out_dir, case_id, fmt), save(data))
+    write_atomic(data_path(out_dir, case_id, fmt), save(data))
     if pre.seg is not None:
-        _write_atomic(seg_path(out_dir, case_id, fmt), save(np.ascontiguousarray(pre.seg)))
+        write_atomic(seg_path(out_dir, case_id, fmt), save(np.ascontiguousarray(pre.seg)))
     arrays = {str(int(k)): np.asarray(v, dtype=np.int32).reshape(-1, 3) for k, v in pre.class_locations.items()}
 
     def save_locations(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _write_atomic(locations_path(out_dir, case_id), save_locations)
+    write_atomic(locations_path(out_dir, case_id), save_locations)
     properties = {
         **pre.properties,
         "case_id": case_id,
