@@ -19,7 +19,7 @@ from decathlete.recipes.default import get_recipe
 from decathlete.registry import get
 
 DATASET_SUMMARY_KEYS = ("name", "root", "layout", "channel_names", "labels", "regions", "regions_class_order",
-                        "file_ending")
+                        "file_ending", "splits")
 
 
 def validate(dataset: str | Path, workers: int = 1) -> list[Problem]:
@@ -84,3 +84,17 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
         config_dict = json.loads(json.dumps(config.__dict__, default=lambda o: o.__dict__))
         results[name] = preprocess_dataset(desc.training, config_dict, out, workers=workers, progress=progress)
     return results
+
+
+def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, **kwargs: Any
+          ) -> list[dict[str, Any]]:
+    """Train one fold, or every fold of the splits with ``fold="all"``; returns one summary per fold.
+
+    Keyword arguments are those of :func:`decathlete.train.trainer.train` (``epochs``, ``iterations_per_epoch``,
+    ``device``, ``resume``, ``seed``, ``num_workers``, ...).
+    """
+    from decathlete.train.trainer import fold_count
+    from decathlete.train.trainer import train as train_fold
+
+    folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
+    return [train_fold(workdir, configuration, k, **kwargs) for k in folds]

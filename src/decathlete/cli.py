@@ -69,6 +69,40 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_list)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one fold (or all) of a planned, preprocessed configuration",
+                       description="Train WORKDIR's configuration on one cross-validation fold into "
+                                   "WORKDIR/models/<config>/<recipe>/fold_<k>/ (checkpoints, training_log.txt, "
+                                   "progress.png, plans/recipe/run settings). Under torchrun, every process trains "
+                                   "its share of the batch (DDP) and rank 0 writes.")
+    p.add_argument("workdir", help="work folder written by `decathlete plan` and `decathlete preprocess`")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
+    p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
+    p.add_argument("--recipe", help="registered recipe (default: the one the plans were made with)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
+    p.add_argument("--iterations-per-epoch", type=int, help="optimiser steps per epoch (default: the recipe's)")
+    p.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch (default 50)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoint_latest (also extends a finished run to a larger --epochs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initial weights, sampling and augmentation")
+    p.add_argument("-j", "--workers", type=int, default=2, help="background data-loading processes (0: in-process)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on long GPU runs)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from decathlete.api import train
+
+    folds = args.fold
+    for summary in train(args.workdir, args.configuration, folds if folds == "all" else int(folds),
+                         recipe=args.recipe, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+                         val_iterations=args.val_iterations, device=args.device, resume=args.resume, seed=args.seed,
+                         num_workers=args.workers, compile=args.compile):
+        print(json.dumps(summary))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
                        description="Generate a synthetic dataset (or use --data DATASET) and run validate, plan and "
@@ -141,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="PKG",
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for add in (_add_validate, _add_plan, _add_preprocess, _add_demo, _add_list):
+    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_demo, _add_list):
         add(sub)
     return parser
 
@@ -160,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as err:
         print(f"decathlete {args.verb}: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
         print(f"decathlete {args.verb}: error: {err}", file=sys.stderr)
         return 1
 

@@ -13,9 +13,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-KINDS = ("nets", "losses", "recipes", "planners", "samplers")
+KINDS = ("nets", "losses", "recipes", "planners", "samplers", "schedules")
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+_PLUGINS: list[str] = []
 
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
@@ -25,6 +26,7 @@ _BUILTIN_MODULES = {
     "recipes": ("decathlete.recipes.default",),
     "planners": ("decathlete.planning.rules",),
     "samplers": (),
+    "schedules": ("decathlete.train.schedules",),
 }
 
 
@@ -64,6 +66,11 @@ def register_sampler(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return _register("samplers", name)
 
 
+def register_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a learning-rate schedule factory ``(**kwargs) -> (step, total) -> factor`` under ``name``."""
+    return _register("schedules", name)
+
+
 def _load_builtins(kind: str) -> None:
     for module in _BUILTIN_MODULES[kind]:
         importlib.import_module(module)
@@ -79,6 +86,13 @@ def load_plugin(package: str) -> None:
         importlib.import_module(package)
     except ImportError as err:
         raise ImportError(f"cannot import plugin '{package}': {err}. Is it installed in this environment?") from err
+    if package not in _PLUGINS:
+        _PLUGINS.append(package)
+
+
+def loaded_plugins() -> list[str]:
+    """Plugin packages loaded in this process (recorded with each model so `predict` can load them again)."""
+    return list(_PLUGINS)
 
 
 def get(kind: str, name: str) -> Callable[..., Any]:

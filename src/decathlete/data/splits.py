@@ -1,0 +1,47 @@
+"""Cross-validation splits: a user's ``splits.json`` wins; otherwise a seeded k-fold split written to the work folder.
+
+The file format is nnU-Net's: a list of ``{"train": [ids], "val": [ids]}``, one entry per fold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from decathlete.io.atomic import write_json_atomic
+
+DEFAULT_FOLDS = 5
+SPLIT_SEED = 12345
+
+
+def make_splits(case_ids: Sequence[str], n_folds: int = DEFAULT_FOLDS, seed: int = SPLIT_SEED) -> list[dict]:
+    """Shuffle the sorted ids with ``seed`` and cut them into ``n_folds`` validation sets of near-equal size.
+
+    With a single case it is both the training and the validation set (a smoke test, not an evaluation).
+    """
+    ids = sorted(case_ids)
+    if len(ids) == 1:
+        return [{"train": ids, "val": ids}]
+    n_folds = min(n_folds, len(ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = []
+    for val_idx in np.array_split(order, n_folds):
+        val = sorted(ids[i] for i in val_idx)
+        folds.append({"train": [i for i in ids if i not in set(val)], "val": val})
+    return folds
+
+
+def load_or_create_splits(workdir: str | Path, case_ids: Sequence[str], user_splits: list[dict] | None = None,
+                          n_folds: int = DEFAULT_FOLDS) -> list[dict]:
+    """The user's splits if given, else ``WORKDIR/splits.json`` if present, else new seeded splits saved there."""
+    if user_splits:
+        return user_splits
+    path = Path(workdir) / "splits.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    splits = make_splits(case_ids, n_folds)
+    write_json_atomic(path, splits)
+    return splits
