@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_augment  # noqa: E402
 import bench_preprocess  # noqa: E402
 from common import REPO, git_commit, machine, now  # noqa: E402
 
-BENCHMARKS = {"preprocess": bench_preprocess.run}
+BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run}
 
 
 def fmt(value: float | None) -> str:
@@ -26,18 +27,24 @@ def fmt(value: float | None) -> str:
 
 
 def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> None:
+    """Merge this run's records into latest.json (a record of another benchmark keeps its own date and commit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "date": now(), "git_commit": git_commit(), "quick": args.quick,
-            "repeats": args.repeats, "workers": args.workers}
-    (out_dir / "latest.json").write_text(json.dumps({**meta, "records": [r.to_dict() for r in records]}, indent=2))
-    lines = [f"# Benchmarks ({meta['date']}, commit {meta['git_commit']}, {meta['machine']['cores']} cores, "
-             f"{'quick' if args.quick else 'full'}, median of {args.repeats})", "",
-             "| benchmark | unit | decathlete | reference | reference system | ratio | better |",
-             "|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r.name} | {r.unit} | {fmt(r.decathlete)} | {fmt(r.reference)} | {r.reference_name} | "
-                     f"{fmt(r.ratio)} | {r.better} |")
-    notes = [f"- **{r.name}**: {r.note}" for r in records if r.note]
+    stamp = {"machine": machine(), "date": now(), "git_commit": git_commit(), "quick": args.quick,
+             "repeats": args.repeats, "workers": args.workers}
+    path = out_dir / "latest.json"
+    kept = json.loads(path.read_text()).get("records", []) if path.is_file() else []
+    fresh = [{**r.to_dict(), **stamp} for r in records]
+    names = {r["name"] for r in fresh}
+    merged = [r for r in kept if r["name"] not in names and "date" in r] + fresh
+    path.write_text(json.dumps({"machine": stamp["machine"], "records": merged}, indent=2))
+    lines = [f"# Benchmarks ({stamp['machine']['cores']} cores, {stamp['machine']['cpu']})", "",
+             "| benchmark | unit | decathlete | reference | reference system | ratio | better | date | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in merged:
+        lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['decathlete'])} | {fmt(r['reference'])} | "
+                     f"{r['reference_name']} | {fmt(r['ratio'])} | {r['better']} | {r['date'][:10]} | "
+                     f"{r['git_commit']}{' (quick)' if r['quick'] else ''} |")
+    notes = [f"- **{r['name']}** (median of {r['repeats']}): {r['note']}" for r in merged if r["note"]]
     (out_dir / "latest.md").write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
 
 
