@@ -112,7 +112,7 @@ def test_ddp_two_cpu_processes(workdir: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "decathlete.cli", "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "2",
            "--iterations-per-epoch", "2", "--val-iterations", "1", "--device", "cpu", "-j", "0"]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = model_folder(work, "3d_fullres", "tiny", 0)
     log = (folder / "training_log.txt").read_text()

@@ -86,7 +86,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from checkpoint_latest (also extends a finished run to a larger --epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed of initial weights, sampling and augmentation")
-    p.add_argument("-j", "--workers", type=int, default=2, help="background data-loading processes (0: in-process)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="background data-loading processes (0: in the training process; default: 0 on CPU, up to 8 "
+                        "feeding a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on long GPU runs)")
     p.set_defaults(func=_cmd_train)
 

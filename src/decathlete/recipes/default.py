@@ -21,6 +21,10 @@ class Spec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# Layer choices written into plans.json as data (name + kwargs), nnU-Net's conv-InstanceNorm-LeakyReLU.
+UNET_LAYERS = {"norm": ["instance", {"affine": True, "eps": 1e-5}], "act": ["leakyrelu", {"negative_slope": 0.01}]}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything about training that does not depend on the data.
@@ -40,7 +44,7 @@ class Recipe:
     """
 
     name: str
-    net: Spec = Spec("unet", {"block": "plain"})
+    net: Spec = Spec("unet", {"block": "plain", **UNET_LAYERS})
     loss: Spec = Spec("dice_ce", {"batch_dice": False, "include_background": False})
     optimizer: Spec = Spec("sgd", {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5})
     schedule: Spec = Spec("poly", {"power": 0.9})
@@ -61,7 +65,7 @@ def default() -> Recipe:
 @register_recipe("resenc_m")
 def resenc_m() -> Recipe:
     """Residual-encoder U-Net, preset M ("nnU-Net Revisited", https://arxiv.org/abs/2404.09556): ~8 GB."""
-    return replace(default(), name="resenc_m", net=Spec("unet", {"block": "residual"}),
+    return replace(default(), name="resenc_m", net=Spec("unet", {"block": "residual", **UNET_LAYERS}),
                    planning={"n_blocks_per_stage": [1, 3, 4, 6, 6, 6, 6], "n_conv_per_stage_decoder": 1,
                              "gpu_memory_gb": 8, "max_dataset_covered": 1.0})
 
