@@ -1,0 +1,202 @@
+"""Score a folder of predicted label maps against a folder of references (``decathlete evaluate PRED REF``).
+
+Files pair by case id, the file name without its image suffix (.nii.gz, .nii, .nrrd, .mha, .mhd; formats may differ
+between the folders). Every reference needs a prediction and every prediction a reference: a missing or extra case
+is an error naming it, never silently skipped. Each pair must lie on the same grid (`Geometry.same_grid`).
+Metrics, conventions and outputs: `decathlete.metrics` (spacing in array order z, y, x).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decathlete.io.images import image_suffix, read_label
+from decathlete.metrics.summary import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    LabelSpec,
+    both_empty_metrics,
+    build_summary,
+    case_metrics,
+    normalize_labels,
+    resolve_tolerances,
+    write_summary,
+)
+
+Tolerance = Mapping[str, float] | float
+
+
+def labels_from_dataset_json(path: str | Path) -> dict[str, int | list[int]]:
+    """Foreground labels (and nnU-Net regions) declared by a dataset.json, background (value 0) left out.
+
+    Args:
+        path: a dataset.json or the dataset folder holding it. MSD writes ``"labels": {"1": "liver"}``
+            (value -> name); nnU-Net v2 writes ``{"liver": 1, "whole tumour": [1, 2, 3]}`` (name -> value or region).
+
+    Returns:
+        ``{name: value or [values]}`` in declaration order.
+
+    Raises:
+        FileNotFoundError: no dataset.json. ValueError: no usable ``labels`` object.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    spec = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{path}: 'labels' must be a non-empty object")
+    out: dict[str, int | list[int]] = {}
+    if all(isinstance(v, str) for v in spec.values()):  # MSD: value -> name
+        for key, name in spec.items():
+            try:
+                value = int(key)
+            except ValueError:
+                raise ValueError(f"{path}: MSD label key {key!r} is not an integer") from None
+            if name in out:
+                raise ValueError(f"{path}: label name {name!r} is used twice")
+            if value != 0:
+                out[name] = value
+    else:  # nnU-Net v2: name -> value or list of values (region)
+        for name, value in spec.items():
+            if value == 0 or value == [0]:
+                continue
+            out[name] = list(value) if isinstance(value, list) else value
+    normalize_labels(out)  # type check of every value
+    if not out:
+        raise ValueError(f"{path}: no foreground label (every label is background 0)")
+    return out
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Case id -> image file; other files (summary.json, plots, hidden temporaries) are ignored."""
+    files: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        try:
+            suffix = image_suffix(f)
+        except ValueError:
+            continue
+        case = f.name[: -len(suffix)]
+        if case in files:
+            raise ValueError(f"{folder}: case {case!r} has two files, {files[case].name} and {f.name}")
+        files[case] = f
+    return files
+
+
+def pair_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """``(case id, prediction, reference)`` for every case, sorted by id.
+
+    Raises:
+        FileNotFoundError: a folder does not exist. ValueError: no reference, or cases on one side only
+            (all of them named).
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    for folder, what in ((pred_dir, "prediction"), (ref_dir, "reference")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    preds, refs = _image_files(pred_dir), _image_files(ref_dir)
+    if not refs:
+        raise ValueError(f"no reference images in {ref_dir}")
+    problems = []
+    if missing := sorted(set(refs) - set(preds)):
+        problems.append(f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing)}")
+    if extra := sorted(set(preds) - set(refs)):
+        problems.append(
+            f"{len(extra)} prediction(s) have no reference in {ref_dir}: {', '.join(extra)} "
+            "(wrong folder? move them out to score the rest)"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [(case, preds[case], refs[case]) for case in sorted(refs)]
+
+
+def evaluate_case(
+    case: str, pred_path: Path, ref_path: Path, labels: LabelSpec | None, nsd_tolerance_mm: Tolerance
+) -> tuple[dict[str, dict[str, float | int]], list[int], int]:
+    """Metrics of one pair of files (runs in a worker process).
+
+    Args:
+        case: case id, for messages.
+        pred_path, ref_path: label map files.
+        labels: name -> value(s); None: every non-zero value of the prediction or reference, named str(value).
+        nsd_tolerance_mm: mm, for all labels or per name (names absent from this case are ignored here).
+
+    Returns:
+        ``(metrics per label, sorted non-zero reference values, number of voxels)``.
+
+    Raises:
+        ValueError: the prediction is not on the reference grid.
+    """
+    pred, pred_geo = read_label(pred_path)
+    ref, ref_geo = read_label(ref_path)
+    if diffs := ref_geo.same_grid(pred_geo):
+        raise ValueError(f"case {case!r}: prediction {pred_path} is not on the reference grid: {'; '.join(diffs)}")
+    ref_values = [int(v) for v in np.unique(ref) if v != 0]
+    if labels is None:
+        labels = {str(v): v for v in sorted(set(ref_values) | {int(v) for v in np.unique(pred)} - {0})}
+    if isinstance(nsd_tolerance_mm, Mapping):
+        nsd_tolerance_mm = {n: t for n, t in nsd_tolerance_mm.items() if n in labels}
+    return case_metrics(pred, ref, ref_geo.spacing, labels, nsd_tolerance_mm), ref_values, int(ref.size)
+
+
+def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int) -> list[Any]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    # forkserver: a plain fork of a parent running threads (torch, BLAS pools) can deadlock the children.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    labels: LabelSpec | None = None,
+    nsd_tolerance_mm: Tolerance = DEFAULT_NSD_TOLERANCE_MM,
+    workers: int = 1,
+    output: str | Path | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Score every prediction in `pred_dir` against its reference in `ref_dir`.
+
+    Args:
+        pred_dir, ref_dir: folders of label maps, paired by case id (see the module docstring).
+        labels: name -> value or list of values (a region: their union), e.g. from `labels_from_dataset_json`;
+            None: every non-zero value found in the references, named str(value), sorted by value.
+        nsd_tolerance_mm: NSD tolerance in mm, one for all labels or ``{name: mm}`` (others get 1 mm).
+        workers: processes (> 1: a "forkserver" pool over cases).
+        output: summary.json path; the CSV (same stem) and ``boxplot_<metric>.png`` go beside it. None: write nothing.
+        plots: write the box plots (with `output`).
+
+    Returns:
+        The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``.
+
+    Raises:
+        FileNotFoundError / ValueError: missing folders, unpaired cases, off-grid predictions, bad labels or
+            tolerances, or no foreground label in the references when `labels` is None.
+    """
+    pairs = pair_cases(pred_dir, ref_dir)
+    spec = None if labels is None else normalize_labels(labels)
+    if spec is not None:
+        resolve_tolerances(list(spec), nsd_tolerance_mm)  # fail on a bad tolerance before the work
+    results = _map(evaluate_case, [(c, p, r, spec, nsd_tolerance_mm) for c, p, r in pairs], workers)
+    if spec is None:
+        values = sorted(set().union(*(ref_values for _, ref_values, _ in results)))
+        if not values:
+            raise ValueError(f"no foreground label in the references of {ref_dir}; pass labels to score anyway")
+        spec = {str(v): (v,) for v in values}
+        # A label absent from both masks of a case was not computed there: fill in the both-empty values.
+        results = [({n: m.get(n) or both_empty_metrics(size) for n in spec}, rv, size) for m, rv, size in results]
+    tolerances = resolve_tolerances(list(spec), nsd_tolerance_mm)
+    per_case = [{"case": case, "metrics": metrics} for (case, _, _), (metrics, _, _) in zip(pairs, results)]
+    summary = build_summary(per_case, spec, tolerances)
+    if output is not None:
+        write_summary(summary, output, plots=plots)
+    return summary
