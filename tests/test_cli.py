@@ -14,7 +14,7 @@ from decathlete.cli import main
 from synthetic import edit_dataset_json, make_msd_dataset, snapshot
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VERBS = ["validate", "plan", "preprocess", "train", "demo", "list"]
+VERBS = ["validate", "plan", "preprocess", "train", "evaluate", "demo", "list"]
 
 
 @pytest.mark.parametrize("verb", [None, *VERBS])
@@ -113,3 +113,18 @@ def test_quick_demo_runs_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     plans = json.loads((tmp_path / "demo" / "plans.json").read_text())
     assert plans["dataset"]["n_training"] == 8
     assert len(list((tmp_path / "demo" / "preprocessed" / "3d_fullres").glob("*.json"))) == 8
+
+
+def test_evaluate_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from synthetic import write_nifti
+
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[2:4, 2:6, 2:6] = 1
+    pred = ref.copy()
+    pred[2, 2:6, 2:6] = 0  # half of the object missed
+    write_nifti(tmp_path / "ref" / "c0.nii.gz", ref, (3.0, 1.0, 1.0))
+    write_nifti(tmp_path / "pred" / "c0.nii.gz", pred, (3.0, 1.0, 1.0))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref")]) == 0
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["mean"]["1"]["dice"] == pytest.approx(2 * 16 / (16 + 32))
+    assert "Dice 0.6667" in capsys.readouterr().out

@@ -105,6 +105,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score predicted label maps against references",
+                       description="Pair PRED and REF files by case id and write summary.json (per case, mean per "
+                                   "label, foreground mean), a per-case CSV and a box plot per metric: Dice, IoU, "
+                                   "NSD, HD95 (mm, spacing in z, y, x order), sensitivity, precision, counts, "
+                                   "volumes. Empty-mask conventions are written into summary.json.")
+    p.add_argument("pred", help="folder of predicted label maps")
+    p.add_argument("ref", help="folder of reference label maps")
+    p.add_argument("--labels", metavar="DATASET",
+                   help="dataset folder or dataset.json whose labels (and regions) name what is scored "
+                        "(default: every non-zero value in the references)")
+    p.add_argument("-o", "--output", metavar="FILE", help="summary.json path (default: PRED/summary.json)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM", help="NSD tolerance in mm (default 1)")
+    p.add_argument("-j", "--workers", type=_workers, default=1, help="processes over cases")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from decathlete.evaluate import evaluate_folder, labels_from_dataset_json
+
+    labels = labels_from_dataset_json(args.labels) if args.labels else None
+    output = args.output or os.path.join(args.pred, "summary.json")
+    summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output)
+    for name, values in summary["mean"].items():
+        print(f"{name:20s} Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
+    print(f"wrote {output}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
                        description="Generate a synthetic dataset (or use --data DATASET) and run validate, plan and "
@@ -177,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="PKG",
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_demo, _add_list):
+    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_evaluate, _add_demo, _add_list):
         add(sub)
     return parser
 
