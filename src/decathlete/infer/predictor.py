@@ -1,0 +1,392 @@
+"""Predict label maps for raw images with a trained model, written on the input's exact grid.
+
+Per case: preprocess exactly as in training (`decathlete.preprocess.pipeline.preprocess_case` with the plan's
+configuration) -> sliding window with mirroring TTA per fold -> fold ensemble -> inverse preprocessing (resample
+back to the cropped original grid, un-crop) -> write with the geometry read from the input.
+
+Ensembling and inversion, and where they differ from nnU-Net v2:
+
+* Within a fold, mirroring TTA and overlapping tiles average LOGITS, as nnU-Net does.
+* Across folds we average softmax (sigmoid for region-based models) PROBABILITIES. nnU-Net v2 averages the folds'
+  logits (``predict_logits_from_preprocessed_data`` sums them and divides); nnU-Net v1 averaged softmax.
+  Probabilities are bounded, so one overconfident fold cannot outvote the others by the size of its logits, and
+  their mean is itself a distribution that can be resampled and saved as it is.
+* Inversion resamples the probabilities (nnU-Net v2: the logits, then softmax) to the cropped original shape with
+  order 1 (order 0 along a separate anisotropic axis, as nnU-Net), ONE CLASS AT A TIME with a running argmax and
+  its value, so memory is two cropped volumes plus the result, never a float C x Z x Y x X stack (nnU-Net resamples
+  all classes at once; its users report high RAM exporting large volumes). Linear interpolation preserves sums, so
+  the resampled probabilities still sum to 1, and the running argmax equals the argmax of the full stack.
+* Region-based models paint each region whose probability exceeds 0.5 with its ``regions_class_order`` label, in
+  that order (later regions win), as nnU-Net does.
+
+Outside the crop box the label is background (0) and the saved probabilities are background = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from decathlete import registry
+from decathlete.infer.sliding_window import sliding_window_predict
+from decathlete.io.atomic import is_temporary_of, write_atomic
+from decathlete.io.images import SUPPORTED_SUFFIXES, Geometry, write_image
+from decathlete.planning.plans import Configuration, Plans
+from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
+from decathlete.preprocess.pipeline import preprocess_case
+from decathlete.preprocess.resampling import resample_volume, separate_axis_for
+from decathlete.train.checkpoint import FINAL, load_checkpoint
+from decathlete.train.trainer import augmentation_for, build_network, num_outputs, resolve_device
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_0000.nii.gz, <case>_0001 ...
+
+
+def resolve_fold_dirs(
+    model: str | Path, configuration: str, folds: Sequence[int] | str | None, recipe: str | None = None
+) -> list[Path]:
+    """The fold folders of a model: ``model`` is a work folder or a ``models/<config>/<recipe>`` folder.
+
+    Args:
+        model: ``WORKDIR`` (holding ``models/<configuration>/<recipe>/fold_<k>``) or the folder of ``fold_<k>``.
+        configuration: configuration name (work folders only).
+        folds: fold numbers; ``"all"`` or None = every ``fold_<k>`` present.
+        recipe: recipe name (work folders only); None = the plans' recipe, or the only one trained.
+
+    Raises:
+        FileNotFoundError: no such model or fold. ValueError: several recipes trained and none chosen.
+    """
+    root = Path(model)
+    base = root
+    if not list(root.glob("fold_*")):
+        trained = root / "models" / configuration
+        names = sorted(d.name for d in trained.iterdir() if d.is_dir()) if trained.is_dir() else []
+        if not names:
+            raise FileNotFoundError(
+                f"{root} holds no trained '{configuration}' model: expected "
+                f"{trained}/<recipe>/fold_<k> (`decathlete train`) or a folder of fold_<k>"
+            )
+        if recipe is None:
+            planned = Plans.load(root / "plans.json").recipe if (root / "plans.json").is_file() else None
+            if planned not in names and len(names) > 1:
+                raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
+            recipe = planned if planned in names else names[0]
+        base = trained / recipe
+    if folds is None or folds == "all":
+        found = sorted((d for d in base.glob("fold_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]))
+    else:
+        found = [base / f"fold_{int(k)}" for k in folds]
+    missing = [str(d) for d in found if not d.is_dir()]
+    if not found or missing:
+        raise FileNotFoundError(f"missing fold folders under {base}: {', '.join(missing) or 'none trained'}")
+    return found
+
+
+def default_mirror_axes(config: Configuration) -> tuple[int, ...]:
+    """The patch axes mirrored in training (nnU-Net: all of them), so TTA only uses flips the network has seen."""
+    aug, _ = augmentation_for(config)
+    if aug.p_mirror <= 0:
+        return ()
+    return tuple(range(config.spatial_dims)) if aug.mirror_axes is None else tuple(aug.mirror_axes)
+
+
+def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any], class_values: Sequence[int],
+                         region_based: bool = False, return_probabilities: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Label map (and probabilities) on the original grid from probabilities on the preprocessed grid.
+
+    Args:
+        probabilities: ``(K, z, y, x)`` float32 at the target spacing (softmax, or sigmoid per region).
+        properties: the case's `PreprocessedCase.properties` (crop box, shapes, spacings, resampling settings).
+        class_values: the label value of each of the K channels (softmax), or ``regions_class_order``.
+        region_based: sigmoid outputs: paint channel k's label where its probability > 0.5, in channel order.
+        return_probabilities: also return float16 ``(K, Z, Y, X)`` probabilities on the original grid.
+
+    Returns:
+        ``(label, probabilities or None)``; the label map ``(Z, Y, X)`` is uint8 (int16 for values beyond 255).
+    """
+    full_shape = tuple(properties["shape_before_crop"])
+    crop_shape = tuple(properties["shape_after_crop"])
+    bbox = tuple(tuple(b) for b in properties["crop_bbox"])
+    rs = properties["preprocessing"]["resampling"]
+    # nnU-Net's order for the way back: the anisotropic axis of the grid we come from (the target spacing) first.
+    axis = separate_axis_for(properties["target_spacing"], properties["spacing_after_crop"], rs["anisotropy_threshold"])
+    dtype = np.uint8 if min(class_values) >= 0 and max(class_values) <= 255 else np.int16
+    label = np.zeros(crop_shape, dtype=dtype)
+    best = np.full(crop_shape, -np.inf, dtype=np.float32)
+    full = None
+    if return_probabilities:
+        full = np.zeros((len(class_values), *full_shape), dtype=np.float16)
+        if not region_based:
+            full[0] = 1  # background outside the crop box
+    box = bbox_slices(bbox)
+    for k, value in enumerate(class_values):
+        p = resample_volume(probabilities[k], crop_shape, 1, axis, rs["separate_axis_order"])
+        if region_based:
+            label[p > 0.5] = value
+        else:
+            wins = p > best  # strict: the first of equal maxima wins, as np.argmax
+            best[wins] = p[wins]
+            label[wins] = value
+        if full is not None:
+            full[k][box] = p
+        del p
+    return paste_into_bbox(label, bbox, full_shape, fill=0), full
+
+
+def _activate_(logits: torch.Tensor, region_based: bool) -> torch.Tensor:
+    """Softmax over the class axis 0 (sigmoid for regions), in place: no second K x volume tensor."""
+    if region_based:
+        return logits.sigmoid_()
+    logits -= logits.amax(0, keepdim=True)
+    logits.exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
+
+
+class Predictor:
+    """A trained model (one or several folds) ready to segment raw images.
+
+    Args:
+        model: work folder or ``models/<config>/<recipe>`` folder (see `resolve_fold_dirs`).
+        configuration: ``3d_fullres``, ``2d``, ``3d_lowres``.
+        folds: folds to ensemble; ``"all"`` = every trained fold.
+        checkpoint: checkpoint file name in each fold folder.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        tta: mirroring test-time augmentation over the axes mirrored in training.
+        step: sliding-window tile distance as a fraction of the patch.
+        recipe: recipe folder in a work folder (None: the plans' recipe or the only one).
+        mirror_axes: override the TTA axes (patch axes, 0 = z in 3D); ignored without ``tta``.
+        batch_tiles: tiles per forward pass (None: automatic).
+    """
+
+    def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
+                 checkpoint: str = FINAL, device: str = "auto", tta: bool = True, step: float = 0.5,
+                 recipe: str | None = None, *, mirror_axes: Sequence[int] | None = None,
+                 batch_tiles: int | None = None) -> None:  # fmt: skip
+        self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
+        self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
+        self.config = self.plans.configuration(configuration)
+        for d in self.fold_dirs[1:]:
+            if asdict(Plans.load(d / "plans.json").configuration(configuration)) != asdict(self.config):
+                raise ValueError(f"{d} was trained with a different '{configuration}' plan than {self.fold_dirs[0]}")
+        self.device = resolve_device(device)
+        self.step, self.batch_tiles = step, batch_tiles
+        axes = default_mirror_axes(self.config) if mirror_axes is None else tuple(mirror_axes)
+        self.mirror_axes = axes if tta else ()
+        dataset = self.plans.dataset
+        self.region_based = bool(dataset.get("regions"))
+        self.class_values = [
+            int(v) for v in (dataset["regions_class_order"] if self.region_based else dataset["label_values"])
+        ]
+        self.n_channels = len(dataset["channel_names"])
+        self.num_classes = num_outputs(self.plans)
+        # Preprocessing reads exactly the JSON the training cache was made from.
+        self.preprocessing = json.loads(json.dumps(asdict(self.config)))
+        self.networks = [self._load(d, checkpoint) for d in self.fold_dirs]
+
+    def _load(self, fold_dir: Path, checkpoint: str) -> torch.nn.Module:
+        run = fold_dir / "run.json"
+        for package in json.loads(run.read_text()).get("plugins", []) if run.is_file() else []:
+            registry.load_plugin(package)  # the network may come from the user's package
+        state = load_checkpoint(fold_dir / checkpoint)
+        net = build_network(self.config, self.plans)
+        net.load_state_dict(state["model"])
+        if hasattr(net, "deep_supervision"):
+            net.deep_supervision = False  # only the full-resolution head is used: skip the others
+        return net.to(self.device).eval()
+
+    def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+        axis = int(self.config.resampling.get("slice_axis", 0))
+        run = partial(sliding_window_predict, net, image, self.config.patch_size, self.num_classes, self.step,
+                      self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis)  # fmt: skip
+        if self.device.type == "cuda":
+            try:
+                return run(accumulate_device=self.device)
+            except torch.OutOfMemoryError:  # as nnU-Net: retry with the volume on the CPU, the tiles on the GPU
+                torch.cuda.empty_cache()
+                warnings.warn("volume too large for the GPU: accumulating on the CPU (slower)", stacklevel=2)
+        return run(accumulate_device="cpu")
+
+    @torch.inference_mode()
+    def predict_probabilities(self, data: np.ndarray) -> np.ndarray:
+        """Fold-averaged probabilities ``(K, z, y, x)`` float32 of a preprocessed image ``(C, z, y, x)``."""
+        image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        total = None
+        for net in self.networks:
+            probs = _activate_(self._sliding_window(net, image), self.region_based).cpu()
+            total = probs if total is None else total.add_(probs)
+        assert total is not None
+        return total.div_(len(self.networks)).numpy()
+
+    def _predict(
+        self, image_paths: Sequence[str | Path] | str | Path, case_id: str | None, return_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+        case = preprocess_case(image_paths, None, self.preprocessing, case_id=case_id)
+        if case.data.shape[0] != self.n_channels:
+            raise ValueError(
+                f"{case.properties['case_id']}: {case.data.shape[0]} channel(s), the model expects "
+                f"{self.n_channels} ({', '.join(map(str, self.plans.dataset['channel_names'].values()))})"
+            )
+        probabilities = self.predict_probabilities(case.data)
+        del case.data
+        label, full = invert_preprocessing(
+            probabilities, case.properties, self.class_values, self.region_based, return_probabilities
+        )
+        return label, full, Geometry.from_dict(case.properties["geometry"])
+
+    def predict_case(self, image_paths: Sequence[str | Path] | str | Path, return_probabilities: bool = False,
+                     case_id: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+        """Segment one case.
+
+        Args:
+            image_paths: one (multi-channel) image file, or one file per channel in the dataset's channel order.
+            return_probabilities: also return the probabilities on the original grid.
+            case_id: name used in messages (default: the first file's name without suffix).
+
+        Returns:
+            ``(label map (z, y, x) on the input's grid, float16 probabilities (K, z, y, x) or None)``.
+        """
+        label, full, _ = self._predict(image_paths, case_id, return_probabilities)
+        return label, full
+
+    def predict_folder(self, input_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False,
+                       save_probabilities: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Segment every case of ``input_dir`` into ``output_dir/<case><ending>`` (resumable).
+
+        A case whose output exists is skipped unless ``overwrite``. Files are written atomically (label last), so an
+        interrupted run leaves no file that looks complete and the next run redoes exactly the unfinished cases.
+
+        Args:
+            input_dir: images, one file per case or nnU-Net ``<case>_0000<ending>`` channel files.
+            output_dir: destination, outside ``input_dir`` (created).
+            overwrite: predict cases whose output exists again.
+            save_probabilities: also write ``<case>.npz`` with float16 ``probabilities`` (K, z, y, x) on the
+                input grid and ``class_values`` (the label, or region order, of each channel).
+            progress: show a progress bar.
+
+        Returns:
+            ``{"n_cases", "n_done", "n_skipped", "seconds", "case_seconds"}``.
+
+        Raises:
+            ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
+            done, listing the cases that failed.
+        """
+        start = time.perf_counter()
+        input_dir, output_dir = Path(input_dir), Path(output_dir)
+        check_output_folder(input_dir, output_dir)
+        cases = discover_cases(input_dir, self.n_channels)
+        targets = {cid: output_dir / f"{cid}{_split_suffix(paths[0])[1]}" for cid, paths in cases.items()}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        finals = {p.name for p in targets.values()} | {f"{cid}.npz" for cid in cases}
+        for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
+            if stale.is_file() and any(is_temporary_of(stale, n) for n in finals):
+                stale.unlink(missing_ok=True)
+        npz_missing = {cid: save_probabilities and not (output_dir / f"{cid}.npz").exists() for cid in cases}
+        todo = [cid for cid in cases if overwrite or npz_missing[cid] or not targets[cid].exists()]
+        seconds, failed = {}, {}
+        for cid in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
+            t0 = time.perf_counter()
+            try:
+                label, full, geometry = self._predict(cases[cid], cid, save_probabilities)
+                if full is not None:
+                    _save_probabilities(output_dir / f"{cid}.npz", full, self.class_values)
+                write_image(label, geometry, targets[cid], dtype=label.dtype)  # last: its presence means "done"
+            except Exception as exc:  # the other cases go on; Ctrl-C (not an Exception) stops at once
+                failed[cid] = f"{type(exc).__name__}: {exc}"
+                continue
+            seconds[cid] = time.perf_counter() - t0
+        if failed:
+            details = "; ".join(f"{cid}: {err}" for cid, err in sorted(failed.items()))
+            raise RuntimeError(f"{len(failed)} of {len(todo)} cases failed: {details}")
+        n = len(cases)
+        return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
+                "case_seconds": seconds}  # fmt: skip
+
+
+def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
+                   folds: Sequence[int] | str | None = (0,), *, overwrite: bool = False,
+                   save_probabilities: bool = False, progress: bool = True,
+                   **predictor_kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """`Predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) + `Predictor.predict_folder`."""
+    predictor = Predictor(model, configuration, folds, **predictor_kwargs)
+    return predictor.predict_folder(
+        input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress
+    )
+
+
+def check_output_folder(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output folder that is, or lies inside, the input folder (predictions would be read as images)."""
+    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if not inp.is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} does not exist")
+    if out == inp or inp in out.parents:
+        where = "is the input folder" if out == inp else f"lies inside the input folder {input_dir}"
+        raise ValueError(
+            f"output folder {output_dir} {where}: predictions would be mixed with the images (and read "
+            "as cases by the next run); choose a folder outside it"
+        )
+
+
+def _split_suffix(path: Path) -> tuple[str, str] | None:
+    """(case id, ending as written) of a supported image file name, else None."""
+    suffix = next((s for s in SUPPORTED_SUFFIXES if path.name.lower().endswith(s)), None)
+    return None if suffix is None else (path.name[: -len(suffix)], path.name[-len(suffix) :])
+
+
+def discover_cases(folder: str | Path, n_channels: int) -> dict[str, list[Path]]:
+    """Cases of an input folder: case id -> image files in channel order.
+
+    nnU-Net layout when EVERY image is named ``<case>_<4 digits><ending>`` and every case has exactly channels
+    ``0000 .. n_channels - 1``; otherwise one file per case (its name without suffix is the case id), so MSD-style
+    names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases, not channels. Hidden files (the
+    temporaries of atomic writes) and folders are ignored.
+
+    Raises:
+        FileNotFoundError: no images. ValueError: incomplete channel files, or two files with the same case id.
+    """
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        split = _split_suffix(path)
+        if split is not None and path.is_file() and not path.name.startswith("."):
+            files[path] = split[0]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) in {folder}")
+    matches = {p: _CHANNEL_FILE.match(stem) for p, stem in files.items()}
+    if all(matches.values()):
+        groups: dict[str, dict[int, Path]] = {}
+        for path, m in matches.items():
+            groups.setdefault(m["case"], {})[int(m["channel"])] = path
+        wanted = list(range(n_channels))
+        if all(sorted(g) == wanted for g in groups.values()):
+            return {cid: [g[c] for c in wanted] for cid, g in sorted(groups.items())}
+        if n_channels > 1:
+            bad = [f"{cid} has {sorted(g)}" for cid, g in sorted(groups.items()) if sorted(g) != wanted]
+            raise ValueError(
+                f"{folder}: channel files incomplete for a {n_channels}-channel model "
+                f"(need _0000 .. _{n_channels - 1:04d}): {'; '.join(bad)}"
+            )
+    cases: dict[str, list[Path]] = {}
+    for path, stem in files.items():
+        if stem in cases:
+            raise ValueError(f"{folder}: two images for case '{stem}': {cases[stem][0].name} and {path.name}")
+        cases[stem] = [path]
+    return cases
+
+
+def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a temporary's name
+            np.savez_compressed(f, probabilities=probabilities, class_values=np.asarray(class_values))
+
+    write_atomic(path, write)
