@@ -14,7 +14,7 @@ from decathlete.cli import main
 from synthetic import edit_dataset_json, make_msd_dataset, snapshot
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VERBS = ["validate", "plan", "preprocess", "train", "evaluate", "demo", "list"]
+VERBS = ["validate", "plan", "preprocess", "train", "predict", "evaluate", "demo", "list"]
 
 
 @pytest.mark.parametrize("verb", [None, *VERBS])
@@ -107,12 +107,19 @@ def test_hippocampus_end_to_end(tmp_path: Path) -> None:
 
 
 def test_quick_demo_runs_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick", "-o", str(tmp_path / "demo"), "-j", "1"]) == 0
+    """generate → validate → plan → preprocess → train → predict held-out → evaluate → report."""
+    assert main(["demo", "--quick", "-o", str(tmp_path / "demo"), "-j", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "3d_fullres" in out and "seconds per stage" in out
-    plans = json.loads((tmp_path / "demo" / "plans.json").read_text())
-    assert plans["dataset"]["n_training"] == 8
-    assert len(list((tmp_path / "demo" / "preprocessed" / "3d_fullres").glob("*.json"))) == 8
+    assert "foreground mean" in out and "seconds per stage" in out
+    work = tmp_path / "demo"
+    summary = json.loads((work / "evaluation" / "summary.json").read_text())
+    held_out = json.loads((work / "splits.json").read_text())[0]["val"]
+    assert sorted(c["case"] for c in summary["per_case"]) == sorted(held_out)
+    assert set(summary["mean"]) == {"organ", "lesion"}
+    report = (work / "report.html").read_text()
+    assert report.count("data:image/png;base64") >= 2 and "Dice" in report
+    raw = work / "raw"
+    assert all(not p.is_symlink() for p in raw.rglob("*"))  # the held-out links live in the work folder
 
 
 def test_evaluate_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -105,6 +105,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment every image of a folder with a trained model",
+                       description="Segment every case in IN (one file per case, or nnU-Net _0000 channel files) "
+                                   "and write OUT/<case><ending> with exactly the input's geometry. OUT must not be "
+                                   "IN or inside it; inputs are never touched; finished cases are skipped, so an "
+                                   "interrupted run resumes.")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
+    p.add_argument("-m", "--model", required=True, metavar="WORKDIR",
+                   help="work folder (or WORKDIR/models/<config>/<recipe>) holding the trained folds")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble, or 'all' (default: 0)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("--recipe", help="recipe folder to use when several were trained")
+    p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write OUT/<case>.npz with probabilities")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from decathlete.infer.predictor import predict_folder
+
+    folds = "all" if args.folds == ["all"] else [int(f) for f in args.folds]
+    summary = predict_folder(args.input, args.output, args.model, args.configuration, folds,
+                             overwrite=args.overwrite, save_probabilities=args.save_probabilities,
+                             checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
+                             recipe=args.recipe)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score predicted label maps against references",
                        description="Pair PRED and REF files by case id and write summary.json (per case, mean per "
@@ -136,19 +170,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
-                       description="Generate a synthetic dataset (or use --data DATASET) and run validate, plan and "
-                                   "preprocess on it in a work folder.")
+                       description="Generate a synthetic dataset (or use --data DATASET), then validate, plan, "
+                                   "preprocess, train fold 0 for a few minutes (tiny recipe), predict fold 0's "
+                                   "held-out cases, evaluate them, print Dice/NSD/HD95 and write report.html.")
     p.add_argument("--data", metavar="DATASET", help="a real dataset instead of the built-in synthetic one")
     p.add_argument("-o", "--output", default="demo_work", metavar="WORKDIR", help="work folder (default demo_work)")
     p.add_argument("--quick", action="store_true", help="a small variant for smoke tests")
     p.add_argument("-j", "--workers", type=_workers, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from decathlete.demo import run_demo
 
-    run_demo(args.output, data=args.data, quick=args.quick, workers=args.workers)
+    run_demo(args.output, data=args.data, quick=args.quick, workers=args.workers, device=args.device)
     return 0
 
 
@@ -206,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="PKG",
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_evaluate, _add_demo, _add_list):
+    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_predict, _add_evaluate, _add_demo,
+                _add_list):
         add(sub)
     return parser
 

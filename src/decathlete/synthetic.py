@@ -33,11 +33,11 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAU
     organ_radii = extent * rng.uniform(0.16, 0.24, 3) * np.array([1.4, 1.0, 1.0])
     organ = _ellipsoid(grid, organ_centre, organ_radii) & body
     lesion_centre = organ_centre + rng.uniform(-0.35, 0.35, 3) * organ_radii
-    lesion = _ellipsoid(grid, lesion_centre, np.full(3, rng.uniform(0.4, 0.55) * organ_radii.min())) & organ
+    lesion = _ellipsoid(grid, lesion_centre, np.full(3, rng.uniform(0.55, 0.75) * organ_radii.min())) & organ
     label = np.zeros(shape, np.uint8)
     label[organ] = 1
     label[lesion] = 2
-    image = np.where(body, 100.0, 0.0) + 60.0 * organ + rng.choice([-45.0, 55.0]) * lesion
+    image = np.where(body, 100.0, 0.0) + 60.0 * organ + rng.choice([-70.0, 80.0]) * lesion
     bias = np.exp(0.25 * sum(rng.uniform(-1, 1) * (g / e - 0.5) for g, e in zip(grid, extent)))
     image = image * bias + rng.normal(0.0, 12.0, shape) * body
     return image.astype(np.float32), label
