@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_augment  # noqa: E402
 import bench_preprocess  # noqa: E402
+import bench_train  # noqa: E402
 from common import REPO, git_commit, machine, now  # noqa: E402
 
-BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run}
+BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run}
 
 
 def fmt(value: float | None) -> str:
