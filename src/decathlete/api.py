@@ -14,6 +14,7 @@ from typing import Any
 from decathlete.fingerprint import compute_fingerprint, save_fingerprint
 from decathlete.io.datasets import DatasetDescription
 from decathlete.io.validation import Problem, check_dataset, validate_dataset
+from decathlete.planning.budget import device_description, fit_to_budget, parse_duration
 from decathlete.planning.plans import Plans
 from decathlete.recipes.default import get_recipe
 from decathlete.registry import get
@@ -35,7 +36,8 @@ def dataset_summary(desc: DatasetDescription) -> dict[str, Any]:
 
 
 def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, planner: str = "nnunet",
-         recipe: str = "default", workers: int = 1, progress: bool = True) -> Plans:
+         recipe: str = "default", workers: int = 1, progress: bool = True, time_budget: str | float | None = None,
+         device: str = "auto", configurations: Sequence[str] | None = None) -> Plans:
     """Validate, fingerprint and plan; writes ``WORKDIR/fingerprint.json`` and ``WORKDIR/plans.json``.
 
     Args:
@@ -46,10 +48,16 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         recipe: registered recipe name.
         workers: processes for validation and fingerprinting.
         progress: show progress bars.
+        time_budget: wall-clock training budget per configuration (``"20m"``, ``"6h"`` or seconds): each
+            configuration is narrowed and batched to fit it, by step times measured on ``device``
+            (:mod:`decathlete.planning.budget`).
+        device: where the budget's step times are measured (``cpu``, ``cuda``, ``auto``).
+        configurations: keep only these configurations (default: all the planner made).
 
     Raises:
         DatasetError: listing every problem of the dataset, before anything is written.
     """
+    budget_s = parse_duration(time_budget) if time_budget is not None else None  # a typo fails before the work
     desc = check_dataset(dataset, workers=workers)
     workdir = Path(workdir)
     get("planners", planner)  # fail on a bad name before the long fingerprint step
@@ -57,6 +65,18 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
     fingerprint = compute_fingerprint(desc, workers=workers, progress=progress)
     save_fingerprint(fingerprint, workdir / "fingerprint.json")
     plans = get("planners", planner)(fingerprint, dataset_summary(desc), chosen, gpu_memory_gb=gpu_memory_gb)
+    if configurations:
+        missing = [c for c in configurations if c not in plans.configurations]
+        if missing:
+            raise KeyError(f"the planner made no configuration {missing}; it made {', '.join(plans.configurations)}")
+        plans.configurations = {k: v for k, v in plans.configurations.items() if k in configurations}
+    if budget_s is not None:
+        from decathlete.train.trainer import resolve_device
+
+        dev = resolve_device(device)
+        for name, config in plans.configurations.items():
+            print(f"fitting {name} to a {budget_s:.0f} s budget on {device_description(dev)}")
+            plans.configurations[name] = fit_to_budget(config, plans, budget_s, dev)
     plans.save(workdir / "plans.json")
     return plans
 

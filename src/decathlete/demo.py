@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from decathlete import api
+from decathlete.planning.plans import Plans
 from decathlete.synthetic import make_synthetic_dataset
 
-# (epochs, iterations per epoch, validation batches): about 6 CPU minutes of training on 2 cores for the full demo.
-FULL_SCHEDULE = (20, 30, 5)
-QUICK_SCHEDULE = (2, 4, 2)
+# Training budgets: the planner measures training steps on the device and fits the network to the budget
+# (planning/budget.py), the same mechanism as `decathlete plan --time-budget`.
+FULL_BUDGET = "4m"
+QUICK_BUDGET = "15s"
 
 
 def _held_out_links(dataset: Any, case_ids: list[str], workdir: Path) -> tuple[Path, Path]:
@@ -66,14 +68,16 @@ def run_demo(workdir: str | Path = "demo_work", data: str | Path | None = None, 
     if problems:
         raise SystemExit("\n".join(str(p) for p in problems))
     lap("validate")
-    plans = api.plan(data, workdir, recipe="tiny", workers=workers)
+    resume = any((workdir / "models" / "3d_fullres").glob("*/fold_0/checkpoint_latest.pth"))
+    if resume:  # an interrupted demo: keep the plan its checkpoints were made with (a new probe could differ)
+        plans = Plans.load(workdir / "plans.json")
+    else:
+        plans = api.plan(data, workdir, workers=workers, time_budget=QUICK_BUDGET if quick else FULL_BUDGET,
+                         device=device, configurations=["3d_fullres"])
     lap("plan")
     api.preprocess(workdir, ["3d_fullres"], workers=workers)
     lap("preprocess")
-    epochs, iterations, val_batches = QUICK_SCHEDULE if quick else FULL_SCHEDULE
-    resume = (workdir / "models" / "3d_fullres" / "tiny" / "fold_0" / "checkpoint_latest.pth").exists()
-    fold = train(workdir, "3d_fullres", 0, epochs=epochs, iterations_per_epoch=iterations,
-                 val_iterations=val_batches, device=device, resume=resume)
+    fold = train(workdir, "3d_fullres", 0, device=device, resume=resume)
     lap("train")
     held_out = json.loads((workdir / "splits.json").read_text())[0]["val"]
     images, labels = _held_out_links(load_dataset(data), held_out, workdir)

@@ -45,6 +45,8 @@ class Configuration:
         spatial_dims: 2 or 3.
         batch_dice: compute the Dice loss over the whole batch rather than per sample.
         notes: human-readable remarks of the planner.
+        training: set when planned for a time budget (``planning/budget.py``): the budget, the probed device, the
+            measured step time, iterations/epochs the trainer uses and the predicted training seconds.
     """
 
     spacing: list[float]
@@ -63,6 +65,7 @@ class Configuration:
     spatial_dims: int
     batch_dice: bool = False
     notes: list[str] = field(default_factory=list)
+    training: dict[str, Any] | None = None
 
     @property
     def n_stages(self) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from decathlete.io.atomic import write_atomic  # noqa: E402
 
@@ -33,3 +35,21 @@ def plot_progress(history: dict[str, list[float]], path: str | Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
+
+
+class TrainingLog:
+    """Print a line and append it to ``training_log.txt`` (a no-op unless ``enabled``: rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        tqdm.write(line)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+

@@ -26,11 +26,13 @@ from decathlete.augment import AugmentConfig, augment, default_config, required_
 from decathlete.data.splits import load_or_create_splits
 from decathlete.io.atomic import is_temporary_of, write_json_atomic
 from decathlete.losses.deep_supervision import DeepSupervisionLoss, downsample_target, ds_factors, ds_weights
+from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.default import Recipe, get_recipe
 from decathlete.train import checkpoint as ckpt
+from decathlete.train.clock import TrainingClock
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
-from decathlete.train.progress import plot_progress
+from decathlete.train.progress import TrainingLog, plot_progress
 from decathlete.train.steps import TrainBatches, ValidationBatches, pseudo_dice_counts, to_targets
 
 EMA_DECAY = 0.9  # nnU-Net's pseudo-Dice smoothing
@@ -50,6 +52,7 @@ class RunSettings:
     device: str = "cpu"
     compile: bool = False
     checkpoint_every: int = 1
+    time_budget: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -68,6 +71,7 @@ class TrainState:
     step: int = 0
     ema_dice: float | None = None
     best_ema: float = -1.0
+    seconds: float = 0.0
     history: dict[str, list] = field(default_factory=lambda: {
         "train_loss": [], "val_loss": [], "pseudo_dice": [], "ema_dice": [], "lr": [], "epoch_seconds": [],
         "pseudo_dice_per_class": []})
@@ -148,9 +152,12 @@ def _seed_for(*parts: int) -> int:
 def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int = 0, *, recipe: str | None = None,
           epochs: int | None = None, iterations_per_epoch: int | None = None, val_iterations: int = 50,
           device: str = "auto", resume: bool = False, seed: int = 0, num_workers: int | None = None,
-          compile: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Train one fold of one configuration; writes ``WORKDIR/models/<config>/<recipe>/fold_<k>/``.
+          compile: bool = False, time_budget: str | float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one fold of one configuration; writes ``WORKDIR/models/<configuration>/<recipe>/fold_<k>/``.
+
+    A configuration planned for a time budget (``plan --time-budget``) brings its epochs, iterations and budget;
+    ``time_budget`` (``"20m"``, seconds) caps the wall-clock time of this run: the schedule anneals over it and
+    training stops in time for a closing validation and the final checkpoint.
 
     Returns:
         A summary: the output folder, epochs and steps done, the last and best EMA pseudo-Dice, seconds.
@@ -159,7 +166,13 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int = 0,
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration(configuration)
     chosen = get_recipe(recipe or plans.recipe)
-    overrides = {k: v for k, v in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch)) if v}
+    planned = config.training or {}
+    lengths = (("epochs", epochs or planned.get("epochs")),
+               ("iterations_per_epoch", iterations_per_epoch or planned.get("iterations_per_epoch")))
+    overrides = {k: v for k, v in lengths if v}
+    if time_budget is None:
+        time_budget = planned.get("budget_seconds")
+    budget_s = parse_duration(time_budget) if time_budget is not None else None
     chosen = replace(chosen, **overrides)
     dev = resolve_device(device)
     world = init_world(dev.type)
@@ -168,7 +181,7 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int = 0,
     if num_workers is None:
         num_workers = default_workers(dev)
     settings = RunSettings(configuration, fold, json.loads(json.dumps(asdict(chosen))), seed, val_iterations,
-                           num_workers, dev.type, compile)
+                           num_workers, dev.type, compile, time_budget=budget_s)
     out = model_folder(workdir, configuration, chosen.name, fold)
     try:
         return _run(workdir, plans, config, chosen, settings, world, dev, out, resume, progress)
@@ -178,7 +191,7 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int = 0,
 
 def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, settings: RunSettings, world: World,
          dev: torch.device, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
-    split = _fold_split(workdir, plans, settings.fold)
+    split = fold_split(workdir, plans, settings.fold)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build_network(config, plans).to(dev)
     if dev.type == "cuda":
@@ -210,18 +223,22 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
     base_lr = float(recipe.optimizer.kwargs.get("lr", 1e-2))
     total_steps = settings.epochs * settings.iterations_per_epoch
     factors = ds_factors(config.strides)
-    log = _Logger(out / "training_log.txt", world.is_main)
+    log = TrainingLog(out / "training_log.txt", world.is_main)
     log(f"training {settings.configuration} fold {settings.fold} on {dev} (world {world.size}): "
         f"{len(split['train'])} train / {len(split['val'])} val cases, batch {batch}/rank, patch {config.patch_size}")
     start = time.perf_counter()
-    while state.epoch < settings.epochs:
+    clock, reserve_s, out_of_time = TrainingClock(settings.time_budget, state.seconds), 0.0, False
+    while state.epoch < settings.epochs and not out_of_time:
         epoch_start = time.perf_counter()
         net.train()
         losses = []
         bar = tqdm(range(settings.iterations_per_epoch), desc=f"epoch {state.epoch}", disable=not (progress and
                                                                                               world.is_main))
         for _ in bar:
-            lr = base_lr * schedule(state.step, total_steps)
+            out_of_time = _out_of_time(clock, reserve_s, world, dev)
+            if out_of_time and losses:
+                break
+            lr = base_lr * schedule(clock.schedule_step(state.step, total_steps), total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             image, label = train_batches.next(dev)
@@ -240,23 +257,39 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
             losses.append(loss.detach())
             state.step += 1
             bar.set_postfix(loss=f"{losses[-1].item():.3f}", lr=f"{lr:.2e}")
+        val_start = time.perf_counter()
         val_loss, dice = _validate(net, loss_fn, val_batches, plans, factors, dev, world)
+        reserve_s = time.perf_counter() - val_start
         train_loss = float(all_reduce_sum(torch.stack(losses).mean().float(), world).item() / world.size)
         _end_epoch(state, train_loss, val_loss, dice, lr, time.perf_counter() - epoch_start)
+        state.seconds = clock.elapsed()
+        if out_of_time:
+            log(f"time budget of {settings.time_budget:.0f} s reached after {state.step} steps: stopping")
         log(f"epoch {state.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
             f"{[round(d, 4) for d in dice]}, EMA {state.ema_dice:.4f}, lr {lr:.2e}, "
             f"{state.history['epoch_seconds'][-1]:.1f} s")
         if world.is_main:
-            _save_epoch(out, model, optimizer, state, settings)
+            _save_epoch(out, model, optimizer, state, settings, final=out_of_time)
         barrier(world)
     if world.is_main:
         _save(out / ckpt.FINAL, model, optimizer, state, settings)
         _save(out / ckpt.LATEST, model, optimizer, state, settings)
     train_batches.close()
     summary = {"folder": str(out), "epochs": state.epoch, "steps": state.step, "ema_dice": state.ema_dice,
-               "best_ema_dice": state.best_ema, "seconds": time.perf_counter() - start}
+               "best_ema_dice": state.best_ema, "seconds": time.perf_counter() - start,
+               "stopped_by_time_budget": out_of_time}
     log(f"done: {json.dumps(summary)}")
     return summary
+
+
+def _out_of_time(clock: TrainingClock, reserve_s: float, world: World, dev: torch.device) -> bool:
+    """Whether the budget is spent; under DDP every rank must stop at the same step, so rank 0's clock decides."""
+    if not clock.budget_s:
+        return False
+    if world.size == 1:
+        return clock.out_of_time(reserve_s)
+    spent = torch.tensor(float(world.is_main and clock.out_of_time(reserve_s)), device=dev)
+    return all_reduce_sum(spent, world).item() > 0
 
 
 def fold_count(workdir: str | Path) -> int:
@@ -266,7 +299,7 @@ def fold_count(workdir: str | Path) -> int:
     return len(load_or_create_splits(workdir, _preprocessed_ids(workdir, plans), plans.dataset.get("splits")))
 
 
-def _fold_split(workdir: Path, plans: Plans, fold: int) -> dict[str, list[str]]:
+def fold_split(workdir: Path, plans: Plans, fold: int) -> dict[str, list[str]]:
     ids = _preprocessed_ids(workdir, plans)
     splits = load_or_create_splits(workdir, ids, plans.dataset.get("splits"))
     if not 0 <= fold < len(splits):
@@ -334,11 +367,11 @@ def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                settings: RunSettings) -> None:
+                settings: RunSettings, final: bool = False) -> None:
     if state.ema_dice is not None and state.ema_dice > state.best_ema:
         state.best_ema = state.ema_dice
         _save(out / ckpt.BEST, model, optimizer, state, settings)
-    if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs:
+    if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs or final:
         _save(out / ckpt.LATEST, model, optimizer, state, settings)
     plot_progress(state.history, out / "progress.png")
 
@@ -367,21 +400,3 @@ def _write_run_files(out: Path, plans: Plans, config: Configuration, settings: R
         "versions": {"decathlete": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "plugins": registry.loaded_plugins()})
-
-
-class _Logger:
-    """Print and append to the training log (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        tqdm.write(line)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-
-

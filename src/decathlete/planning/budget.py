@@ -1,0 +1,208 @@
+"""Planning for a compute budget: time real training steps of candidate networks on the device, keep what fits.
+
+nnU-Net plans for GPU memory only; on a 2-core CPU its hippocampus plan costs ~15 s per iteration, so its schedule
+(250,000 iterations) would take weeks. Given a wall-clock budget, this module narrows the network and the batch of a
+configuration until enough optimiser steps fit, and writes the chosen trade-off, the measured step time and the
+predicted training time into the configuration (``Configuration.training``).
+
+Rules, in order (the patch planned from the fingerprint is always kept, so the network still sees whole structures):
+1. Width: the widest base (32, 24, 16, 12, 8 features; the caps scaled alike) whose step at batch 2 leaves at least
+   ``MIN_ITERATIONS`` iterations in the budget. Wider networks learn more per step, but below a few thousand steps
+   an undertrained wide network loses to a trained narrow one.
+2. Batch: grown from 2 towards the planned batch while the iterations stay at or above ``MIN_ITERATIONS``.
+3. Iterations: what the budget holds, capped at nnU-Net's 250,000, so a large budget on a GPU gives nnU-Net's plan.
+Step times are measured, never assumed: a whole training step (augmentation of a random batch of the configuration's
+input size, forward, Dice+CE with deep supervision, backward, SGD step) after a warm-up step. Times of larger batches
+are extrapolated linearly from batch 2 to choose, then the chosen candidate is measured again and that figure is the
+one the prediction uses (``measured`` / ``extrapolated`` in each candidate's record says which is which).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from decathlete.planning.plans import Configuration, NetworkSpec, Plans
+from decathlete.planning.rules import memory_gb
+from decathlete.registry import get
+
+BASE_WIDTHS = (32, 24, 16, 12, 8)
+MIN_ITERATIONS = 2000
+MAX_ITERATIONS = 250_000  # nnU-Net's 1000 epochs x 250
+ITERATIONS_PER_EPOCH = 250
+VAL_ITERATIONS = 50
+STARTUP_SECONDS = 5.0  # process start, data opening, first-batch warm-up: measured ~2-4 s on 2 cores
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``"90s"``, ``"20m"``, ``"1h30m"``, ``"6h"`` or a plain number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", s)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", s).strip():
+            raise ValueError(f"cannot read the duration '{text}': write e.g. 90s, 20m, 1h30m or 6h")
+        seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"a time budget must be positive, got '{text}'")
+    return seconds
+
+
+def device_description(device: torch.device) -> str:
+    """What the step times were measured on (cached in plans.json with them)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def with_width(config: Configuration, plans: Plans, base: int, batch: int) -> Configuration:
+    """``config`` with its features scaled to start at ``base`` (caps scaled alike) and batch ``batch``."""
+    kwargs = dict(config.network.kwargs)
+    old = list(kwargs["features_per_stage"])
+    scale = base / old[0]
+    features = [max(1, int(round(f * scale))) for f in old]
+    kwargs["features_per_stage"] = features
+    n_in, n_out = len(plans.dataset["channel_names"]), _outputs(plans)
+    params = get("nets", config.network.name).parameter_count(n_in, n_out, **kwargs)
+    memory = memory_gb(config.network.name, kwargs, config.patch_size, batch, n_in, n_out)
+    return replace(config, features_per_stage=features, network=NetworkSpec(config.network.name, kwargs),
+                   batch_size=batch, parameters=int(params), memory_estimate_gb=round(memory, 3),
+                   notes=list(config.notes))
+
+
+def _outputs(plans: Plans) -> int:
+    regions = plans.dataset.get("regions")
+    return len(regions) if regions else len(plans.dataset["label_values"])
+
+
+def time_step(config: Configuration, plans: Plans, device: torch.device, steps: int = 2, warmup: int = 1,
+              seed: int = 0) -> dict[str, float]:
+    """Seconds of one training step and of one validation forward pass, measured on ``device``."""
+    from decathlete.augment import augment
+    from decathlete.losses.deep_supervision import downsample_target, ds_factors
+    from decathlete.recipes.default import get_recipe
+    from decathlete.train.distributed import World
+    from decathlete.train.steps import to_targets
+    from decathlete.train.trainer import augmentation_for, build_loss, build_network, build_optimizer
+
+    torch.manual_seed(seed)
+    recipe = get_recipe(plans.recipe)
+    net = build_network(config, plans).to(device)
+    loss_fn = build_loss(recipe, config, plans, World()).to(device)
+    optimizer = build_optimizer(recipe, net)
+    aug, input_size = augmentation_for(config)
+    factors = ds_factors(config.strides)
+    n_in, labels = len(plans.dataset["channel_names"]), plans.dataset["label_values"]
+    amp = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed)
+
+    def step() -> None:
+        image = torch.randn((config.batch_size, n_in, *input_size), generator=gen).to(device)
+        label = torch.randint(0, max(labels) + 1, (config.batch_size, 1, *input_size), generator=gen).to(device)
+        image, label = augment(image, label, config.patch_size, aug, gen)
+        targets = downsample_target(to_targets(label, plans.dataset.get("regions")), factors)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(image), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            net(torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device))
+
+    return {"step_seconds": _timed(step, steps, warmup, device), "forward_seconds": _timed(forward, 1, 1, device)}
+
+
+def _timed(fn: Any, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def iterations_in(budget_s: float, step_s: float, forward_s: float) -> int:
+    """Optimiser steps that fit: ``n * step + (n / 250) * 50 * forward + startup <= budget``."""
+    per_iteration = step_s + VAL_ITERATIONS * forward_s / ITERATIONS_PER_EPOCH
+    return max(0, min(MAX_ITERATIONS, int((budget_s - STARTUP_SECONDS) / per_iteration)))
+
+
+def predicted_seconds(iterations: int, step_s: float, forward_s: float) -> float:
+    epochs = math.ceil(iterations / ITERATIONS_PER_EPOCH)
+    return STARTUP_SECONDS + iterations * step_s + epochs * VAL_ITERATIONS * forward_s
+
+
+def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: torch.device,
+                  log: Any = print) -> Configuration:
+    """The configuration narrowed/batched for ``budget_s`` of training on ``device`` (see the module docstring)."""
+    planned_base, planned_batch = config.features_per_stage[0], config.batch_size
+    widths = sorted({w for w in BASE_WIDTHS if w <= planned_base} | {planned_base})
+    start_batch = min(2, planned_batch)
+    records: list[dict[str, Any]] = []
+    chosen: tuple[int, dict[str, float]] | None = None
+    for base in widths:  # narrowest first: stop measuring once a width is too slow
+        candidate = with_width(config, plans, base, start_batch)
+        timing = time_step(candidate, plans, device)
+        n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
+        records.append({"base_features": base, "batch_size": start_batch, "parameters": candidate.parameters,
+                        **_rounded(timing), "iterations": n, "measured": True})
+        log(f"  probe {base} base features, batch {start_batch}: {timing['step_seconds']:.3f} s/step -> {n} steps")
+        if chosen is None or n >= MIN_ITERATIONS:
+            chosen = (base, timing)
+        if n < MIN_ITERATIONS:
+            break
+    base, timing = chosen
+    batch = start_batch
+    for b in range(start_batch + 1, planned_batch + 1):  # extrapolated linearly in the batch
+        scale = b / start_batch
+        n = iterations_in(budget_s, timing["step_seconds"] * scale, timing["forward_seconds"] * scale)
+        if n < MIN_ITERATIONS:
+            break
+        batch = b
+    result = with_width(config, plans, base, batch)
+    if batch != start_batch:
+        timing = time_step(result, plans, device)
+        records.append({"base_features": base, "batch_size": batch, "parameters": result.parameters,
+                        **_rounded(timing), "measured": True})
+    n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
+    if n < 1:
+        raise ValueError(f"a budget of {budget_s:.0f} s does not hold one training step of the narrowest network "
+                         f"({timing['step_seconds']:.1f} s/step on {device_description(device)}); give more time")
+    epochs = max(1, math.ceil(n / ITERATIONS_PER_EPOCH))
+    per_epoch = n // epochs  # rounded down: the plan never asks for more steps than the budget holds
+    training = {"budget_seconds": budget_s, "device": device_description(device), "base_features": base,
+                "batch_size": batch, "iterations": epochs * per_epoch, "epochs": epochs,
+                "iterations_per_epoch": per_epoch, "val_iterations": VAL_ITERATIONS, **_rounded(timing),
+                "predicted_seconds": round(predicted_seconds(epochs * per_epoch, timing["step_seconds"],
+                                                             timing["forward_seconds"]), 1),
+                "planned_without_budget": {"base_features": planned_base, "batch_size": planned_batch,
+                                           "parameters": config.parameters},
+                "candidates": records}
+    if n < MIN_ITERATIONS:
+        result.notes.append(f"even {base} base features leave only {n} iterations in the budget: expect an "
+                            "undertrained network; give more time")
+    result.notes.append(f"time budget {budget_s:.0f} s on {training['device']}: {base} base features, batch {batch},"
+                        f" {training['iterations']} iterations of {timing['step_seconds']:.3f} s, predicted "
+                        f"{training['predicted_seconds']:.0f} s")
+    return replace(result, training=training)
+
+
+def _rounded(timing: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in timing.items()}

@@ -1,0 +1,150 @@
+"""Time-budget planning and training: durations, narrowing rules, the probe, the wall-clock stop and annealing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from decathlete import api
+from decathlete.planning import budget
+from decathlete.planning.plans import Plans
+from decathlete.synthetic import make_synthetic_dataset
+from decathlete.train.checkpoint import FINAL, load_checkpoint
+from decathlete.train.clock import TrainingClock
+from decathlete.train.trainer import build_network, train
+
+SHAPE = (16, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("budget")
+    data = make_synthetic_dataset(root / "raw", n_cases=6, shape=SHAPE)
+    api.plan(data, root / "work", workers=1, progress=False, configurations=["3d_fullres"])
+    return root / "work"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("20m", 1200), ("1h30m", 5400), ("6h", 21600),
+                                               ("45", 45), (2.5, 2.5), ("1d", 86400)])
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert budget.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "twenty minutes", "20 min", "-5m", "0"])
+def test_parse_duration_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="duration|positive"):
+        budget.parse_duration(text)
+
+
+def test_with_width_scales_features_and_recounts(workdir: Path) -> None:
+    plans = Plans.load(workdir / "plans.json")
+    config = plans.configuration("3d_fullres")
+    assert config.features_per_stage[0] == 32
+    narrow = budget.with_width(config, plans, 8, 2)
+    assert narrow.features_per_stage == [f // 4 for f in config.features_per_stage]
+    assert narrow.batch_size == 2 and narrow.patch_size == config.patch_size
+    net = build_network(narrow, plans)
+    assert narrow.parameters == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert narrow.parameters < config.parameters / 10
+    assert config.features_per_stage[0] == 32  # the input is not modified
+
+
+def test_iterations_and_prediction_agree() -> None:
+    n = budget.iterations_in(1200, 0.3, 0.1)
+    assert n == int((1200 - budget.STARTUP_SECONDS) / (0.3 + 50 * 0.1 / 250))
+    assert budget.predicted_seconds(n, 0.3, 0.1) <= 1200 + 50 * 0.1  # at most one validation over (rounding up)
+    assert budget.iterations_in(1e9, 0.01, 0.01) == budget.MAX_ITERATIONS
+
+
+def _fake_timer(per_sample: dict[int, float]):
+    """Step time = per-sample cost of the width x batch; forward = a third of it (a stand-in for a device)."""
+    calls = []
+
+    def time_step(config, plans, device, **_):
+        t = per_sample[config.features_per_stage[0]] * config.batch_size
+        calls.append((config.features_per_stage[0], config.batch_size))
+        return {"step_seconds": t, "forward_seconds": t / 3}
+
+    return time_step, calls
+
+
+def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path, monkeypatch) -> None:
+    plans = Plans.load(workdir / "plans.json")
+    config = plans.configuration("3d_fullres")
+    # 600 s budget: 2000 steps need <= ~0.29 s/step at batch 2 -> width 16 (0.2 s) passes, 24 (0.4 s) does not.
+    timer, calls = _fake_timer({8: 0.05, 12: 0.08, 16: 0.1, 24: 0.2, 32: 0.4})
+    monkeypatch.setattr(budget, "time_step", timer)
+    chosen = budget.fit_to_budget(config, plans, 600, torch.device("cpu"), log=lambda _: None)
+    t = chosen.training
+    assert t["base_features"] == 16 and chosen.features_per_stage[0] == 16
+    assert calls[:4] == [(8, 2), (12, 2), (16, 2), (24, 2)]  # narrowest first, stops after the first too slow
+    # Batch 2 at 0.2 s leaves ~2800 steps; batch 3 (0.3 s/step) would leave < 2000: stays 2 unless it fits.
+    per_it = lambda b: 0.1 * b * (1 + 50 / 3 / 250)  # noqa: E731
+    expected_batch = max(b for b in range(2, config.batch_size + 1)
+                         if (600 - budget.STARTUP_SECONDS) / per_it(b) >= budget.MIN_ITERATIONS)
+    assert chosen.batch_size == t["batch_size"] == expected_batch
+    assert t["iterations"] == t["epochs"] * t["iterations_per_epoch"]
+    assert t["iterations"] <= budget.iterations_in(600, t["step_seconds"], t["forward_seconds"])
+    assert abs(t["predicted_seconds"] - budget.predicted_seconds(t["iterations"], t["step_seconds"],
+                                                                 t["forward_seconds"])) < 0.1
+    assert t["planned_without_budget"]["base_features"] == 32
+    assert any("time budget" in n for n in chosen.notes)
+
+
+def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path, monkeypatch) -> None:
+    plans = Plans.load(workdir / "plans.json")
+    config = plans.configuration("3d_fullres")
+    timer, _ = _fake_timer({8: 1e-4, 12: 1e-4, 16: 1e-4, 24: 1e-4, 32: 1e-4})
+    monkeypatch.setattr(budget, "time_step", timer)
+    chosen = budget.fit_to_budget(config, plans, 6 * 3600, torch.device("cpu"), log=lambda _: None)
+    assert chosen.features_per_stage == config.features_per_stage and chosen.batch_size == config.batch_size
+    assert chosen.parameters == config.parameters
+    assert chosen.training["iterations"] <= budget.MAX_ITERATIONS
+
+
+def test_fit_with_a_hopeless_budget_says_so(workdir: Path, monkeypatch) -> None:
+    plans = Plans.load(workdir / "plans.json")
+    config = plans.configuration("3d_fullres")
+    timer, _ = _fake_timer({w: 5.0 for w in (8, 12, 16, 24, 32)})
+    monkeypatch.setattr(budget, "time_step", timer)
+    with pytest.raises(ValueError, match="does not hold one training step"):
+        budget.fit_to_budget(config, plans, 12, torch.device("cpu"), log=lambda _: None)
+    chosen = budget.fit_to_budget(config, plans, 300, torch.device("cpu"), log=lambda _: None)
+    assert chosen.features_per_stage[0] == 8 and any("undertrained" in n for n in chosen.notes)
+
+
+def test_real_probe_and_budget_training_end_to_end(workdir: Path, tmp_path: Path) -> None:
+    """Plan for 40 s on this CPU with real step timings, then train: the run ends annealed within the budget."""
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    plans = api.plan(Plans.load(workdir / "plans.json").dataset["root"], work, workers=1, progress=False,
+                     time_budget="40s", device="cpu", configurations=["3d_fullres"])
+    config = plans.configuration("3d_fullres")
+    t = config.training
+    assert t["budget_seconds"] == 40 and t["device"].startswith("cpu")
+    assert all(c["step_seconds"] > 0 for c in t["candidates"])
+    assert json.loads((work / "plans.json").read_text())["configurations"]["3d_fullres"]["training"] == t
+    api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
+    # Cap the run at 8 s, far below what the plan holds, to see the budget stop and the schedule anneal.
+    summary = train(work, "3d_fullres", 0, val_iterations=2, device="cpu", num_workers=0, progress=False,
+                    time_budget="8s")
+    assert summary["stopped_by_time_budget"] and summary["steps"] < t["iterations"]
+    saved = load_checkpoint(Path(summary["folder"]) / FINAL)
+    assert saved["settings"]["time_budget"] == 8 and saved["settings"]["recipe"]["epochs"] == t["epochs"]
+    assert saved["state"]["seconds"] < 8 + 5  # the last step and the closing validation may run over a little
+    last_lr = saved["state"]["history"]["lr"][-1]
+    assert last_lr < 1e-2 * 0.5, "a run stopped by its budget must end with an annealed learning rate"
+
+
+def test_clock_progress_and_stop() -> None:
+    clock = TrainingClock(None)
+    assert clock.schedule_step(7, 100) == 7 and not clock.out_of_time(1e9)
+    clock = TrainingClock(100.0, already_s=50.0)  # resumed half way through the budget
+    assert clock.progress(10, 1000) == pytest.approx(0.5, abs=0.01)
+    assert clock.schedule_step(10, 1000) >= 499
+    assert not clock.out_of_time(10) and clock.out_of_time(60)
+    assert math.isclose(TrainingClock(10.0, already_s=20.0).progress(0, 10), 1.0)
