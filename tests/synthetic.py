@@ -197,3 +197,31 @@ def snapshot(root: str | Path) -> dict[str, tuple[int, int]]:
             st = os.lstat(os.path.join(dirpath, n))
             out[os.path.relpath(os.path.join(dirpath, n), root)] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def write_dicom_series(folder: str | Path, volume: np.ndarray, spacing: Sequence[float],
+                       origin: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
+    """Write a (z, y, x) int16 volume as an axial DICOM series, one file per slice (``spacing`` in z, y, x)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(volume)
+    img.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # as in SimpleITK's DicomSeriesFromArray example
+    common = [("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
+              ("0020|000d", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+              ("0028|0030", f"{spacing[1]}\\{spacing[2]}"), ("0018|0050", str(spacing[0]))]
+    for z in range(volume.shape[0]):
+        sl = img[:, :, z]
+        for tag, value in common:
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
+        sl.SetMetaData("0020|0013", str(z))
+        sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z}")
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(sl)
+    return folder
+

@@ -20,6 +20,7 @@ from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_data, separate_axis_for
 from decathlete.synthetic import make_synthetic_dataset, synthetic_case
 from decathlete.train.trainer import train
+from synthetic import write_dicom_series
 
 TRAIN_SHAPE = (16, 40, 40)  # (z, y, x); the synthetic spacing is about (3.0, 1.2, 1.2) mm
 TEST_SPACING_ZYX = (2.2, 1.1, 0.9)  # differs from the training spacing on every axis: resampling both ways
@@ -273,6 +274,21 @@ def test_channel_files_probabilities_and_resume(workdir: Path, tmp_path: Path) -
     assert (out / "caseA.nii.gz").stat().st_mtime_ns == stamp
     assert predictor.predict_folder(inp, out, overwrite=True, progress=False)["n_done"] == 2
     assert sorted(p.name for p in inp.iterdir()) == ["caseA_0000.nii.gz", "caseB_0000.nii.gz"]
+
+
+def test_dicom_series_folders_are_cases_written_as_nifti_on_their_grid(workdir: Path, tmp_path: Path) -> None:
+    inp, out = tmp_path / "in", tmp_path / "out"
+    volume = np.clip(_test_image(seed=6, shape=(12, 30, 34)), -1000, 3000).astype(np.int16)
+    write_dicom_series(inp / "patient1", volume, (2.5, 0.8, 0.7), (-20.0, 15.0, 40.0))
+    result = Predictor(workdir, device="cpu", tta=False).predict_folder(inp, out, progress=False)
+    assert result["n_done"] == 1 and sorted(p.name for p in out.iterdir()) == ["patient1.nii.gz"]
+    label, geometry = images.read_label(out / "patient1.nii.gz")
+    source = images.read_geometry(inp / "patient1")[0]
+    assert label.shape == volume.shape and geometry.same_grid(source) == []
+    np.testing.assert_allclose(geometry.spacing, (2.5, 0.8, 0.7), rtol=1e-6)
+    (inp / "stray.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="DICOM series folders"):
+        discover_cases(inp, 1)
 
 
 def test_output_inside_input_is_refused(workdir: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from decathlete.io.images import (
     read_label,
     write_image,
 )
+from synthetic import write_dicom_series
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPACING_XYZ = (0.7, 0.8, 5.0)  # (z, y, x) = (5.0, 0.8, 0.7): anisotropic, every axis different
@@ -196,26 +197,7 @@ def test_four_d_nifti_and_multi_file_channels(tmp_path: Path) -> None:
 
 def test_dicom_series(tmp_path: Path) -> None:
     vol = _volume(np.int16, (5, 6, 8))
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.5, 0.75, 3.0))
-    img.SetOrigin((-10.0, 20.0, 30.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()  # as in SimpleITK's DicomSeriesFromArray example
-    common = [
-        ("0008|0060", "CT"),
-        ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-        ("0020|000d", "1.2.826.0.1.3680043.2.1125.2"),
-    ]
-    common += [("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.75\\0.5"), ("0018|0050", "3.0")]
-    for z in range(vol.shape[0]):
-        sl = img[:, :, z]
-        for tag, value in common:
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
-        sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z}")
-        writer.SetFileName(str(tmp_path / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
+    write_dicom_series(tmp_path, vol, (3.0, 0.75, 0.5), (-10.0, 20.0, 30.0))
     arr, geo = read_image(tmp_path, dtype=None)
     assert image_suffix(tmp_path) == "dicom"
     assert arr.shape == (1, 5, 6, 8) and geo.shape == (5, 6, 8)

@@ -182,7 +182,21 @@ def evaluate_folder(
         FileNotFoundError / ValueError: missing folders, unpaired cases, off-grid predictions, bad labels or
             tolerances, or no foreground label in the references when `labels` is None.
     """
-    pairs = pair_cases(pred_dir, ref_dir)
+    return evaluate_pairs(pair_cases(pred_dir, ref_dir), labels, nsd_tolerance_mm, workers, output, plots,
+                          where=str(ref_dir))
+
+
+def evaluate_pairs(
+    pairs: Sequence[tuple[str, Path, Path]],
+    labels: LabelSpec | None = None,
+    nsd_tolerance_mm: Tolerance = DEFAULT_NSD_TOLERANCE_MM,
+    workers: int = 1,
+    output: str | Path | None = None,
+    plots: bool = True,
+    where: str = "the references",
+) -> dict[str, Any]:
+    """`evaluate_folder` for explicit ``(case id, prediction file, reference file)`` triples."""
+    pairs = [(c, Path(p), Path(r)) for c, p, r in pairs]
     spec = None if labels is None else normalize_labels(labels)
     if spec is not None:
         resolve_tolerances(list(spec), nsd_tolerance_mm)  # fail on a bad tolerance before the work
@@ -190,7 +204,7 @@ def evaluate_folder(
     if spec is None:
         values = sorted(set().union(*(ref_values for _, ref_values, _ in results)))
         if not values:
-            raise ValueError(f"no foreground label in the references of {ref_dir}; pass labels to score anyway")
+            raise ValueError(f"no foreground label in {where}; pass labels to score anyway")
         spec = {str(v): (v,) for v in values}
         # A label absent from both masks of a case was not computed there: fill in the both-empty values.
         results = [({n: m.get(n) or both_empty_metrics(size) for n in spec}, rv, size) for m, rv, size in results]

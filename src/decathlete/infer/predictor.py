@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decathlete import registry
+from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
 from decathlete.io.images import SUPPORTED_SUFFIXES, Geometry, write_image
@@ -167,12 +168,13 @@ class Predictor:
         recipe: recipe folder in a work folder (None: the plans' recipe or the only one).
         mirror_axes: override the TTA axes (patch axes, 0 = z in 3D); ignored without ``tta``.
         batch_tiles: tiles per forward pass (None: automatic).
+        postprocess: apply the model's ``postprocessing.json`` (written by ``decathlete crossval``) when there is one.
     """
 
     def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
                  checkpoint: str = FINAL, device: str = "auto", tta: bool = True, step: float = 0.5,
                  recipe: str | None = None, *, mirror_axes: Sequence[int] | None = None,
-                 batch_tiles: int | None = None) -> None:  # fmt: skip
+                 batch_tiles: int | None = None, postprocess: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config = self.plans.configuration(configuration)
@@ -193,6 +195,7 @@ class Predictor:
         # Preprocessing reads exactly the JSON the training cache was made from.
         self.preprocessing = json.loads(json.dumps(asdict(self.config)))
         self.networks = [self._load(d, checkpoint) for d in self.fold_dirs]
+        self.postprocessing = load_postprocessing(self.fold_dirs[0].parent) if postprocess else None
 
     def _load(self, fold_dir: Path, checkpoint: str) -> torch.nn.Module:
         run = fold_dir / "run.json"
@@ -242,6 +245,7 @@ class Predictor:
         label, full = invert_preprocessing(
             probabilities, case.properties, self.class_values, self.region_based, return_probabilities
         )
+        label = apply_postprocessing(label, self.postprocessing)
         return label, full, Geometry.from_dict(case.properties["geometry"])
 
     def predict_case(self, image_paths: Sequence[str | Path] | str | Path, return_probabilities: bool = False,
@@ -275,17 +279,25 @@ class Predictor:
             progress: show a progress bar.
 
         Returns:
-            ``{"n_cases", "n_done", "n_skipped", "seconds", "case_seconds"}``.
+            ``{"n_cases", "n_done", "n_skipped", "seconds", "case_seconds", "outputs"}`` (outputs: case id -> file).
 
         Raises:
             ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
             done, listing the cases that failed.
         """
-        start = time.perf_counter()
         input_dir, output_dir = Path(input_dir), Path(output_dir)
         check_output_folder(input_dir, output_dir)
         cases = discover_cases(input_dir, self.n_channels)
-        targets = {cid: output_dir / f"{cid}{_split_suffix(paths[0])[1]}" for cid, paths in cases.items()}
+        return self.predict_cases(cases, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
+                                  progress=progress)
+
+    def predict_cases(self, cases: Mapping[str, Sequence[Path]], output_dir: str | Path, *, overwrite: bool = False,
+                      save_probabilities: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+        """`predict_folder` for given cases: case id -> image file(s) (one per channel, in channel order)."""
+        start = time.perf_counter()
+        output_dir = Path(output_dir)
+        cases = {cid: [Path(p) for p in paths] for cid, paths in cases.items()}
+        targets = {cid: output_dir / f"{cid}{_output_ending(paths[0])}" for cid, paths in cases.items()}
         output_dir.mkdir(parents=True, exist_ok=True)
         finals = {p.name for p in targets.values()} | {f"{cid}.npz" for cid in cases}
         for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
@@ -310,7 +322,7 @@ class Predictor:
             raise RuntimeError(f"{len(failed)} of {len(todo)} cases failed: {details}")
         n = len(cases)
         return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
-                "case_seconds": seconds}  # fmt: skip
+                "case_seconds": seconds, "outputs": {cid: str(t) for cid, t in targets.items()}}  # fmt: skip
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
@@ -343,25 +355,41 @@ def _split_suffix(path: Path) -> tuple[str, str] | None:
     return None if suffix is None else (path.name[: -len(suffix)], path.name[-len(suffix) :])
 
 
+def _output_ending(image: Path) -> str:
+    """The input's own file ending; ``.nii.gz`` for a DICOM series (a folder)."""
+    split = _split_suffix(image)
+    return ".nii.gz" if split is None or image.is_dir() else split[1]
+
+
 def discover_cases(folder: str | Path, n_channels: int) -> dict[str, list[Path]]:
     """Cases of an input folder: case id -> image files in channel order.
 
     nnU-Net layout when EVERY image is named ``<case>_<4 digits><ending>`` and every case has exactly channels
     ``0000 .. n_channels - 1``; otherwise one file per case (its name without suffix is the case id), so MSD-style
-    names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases, not channels. Hidden files (the
-    temporaries of atomic writes) and folders are ignored.
+    names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases, not channels. A sub-folder holding
+    files is a DICOM series (one single-channel case named after the folder, written as ``.nii.gz``). Hidden files
+    and folders (the temporaries of atomic writes) are ignored.
 
     Raises:
         FileNotFoundError: no images. ValueError: incomplete channel files, or two files with the same case id.
     """
     folder = Path(folder)
-    files = {}
+    files, series = {}, {}
     for path in sorted(folder.iterdir()):
         split = _split_suffix(path)
-        if split is not None and path.is_file() and not path.name.startswith("."):
+        if path.name.startswith("."):
+            continue
+        if split is not None and path.is_file():
             files[path] = split[0]
+        elif path.is_dir() and any(f.is_file() for f in path.iterdir()):
+            series[path.name] = [path]
+    if series:
+        if n_channels != 1 or files:
+            raise ValueError(f"{folder}: DICOM series folders ({', '.join(series)}) can only be predicted by a "
+                             "one-channel model, in a folder of series only; put image files in another folder")
+        return series
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) in {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) or DICOM series folders in {folder}")
     matches = {p: _CHANNEL_FILE.match(stem) for p, stem in files.items()}
     if all(matches.values()):
         groups: dict[str, dict[int, Path]] = {}

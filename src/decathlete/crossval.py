@@ -1,0 +1,83 @@
+"""Cross-validation: predict every fold's held-out cases, score them, and choose the postprocessing on them.
+
+``decathlete crossval WORKDIR -c CONFIG [-f FOLDS]`` after training. Each fold's model predicts the validation cases of
+its split from the RAW images (exactly what ``predict`` does for new data: preprocessing, sliding window, TTA,
+inversion, written with the input's geometry), so these scores are what a user gets, not the trainer's patch-based
+pseudo-Dice. Writes, under ``WORKDIR/models/<config>/<recipe>/``:
+
+* ``fold_<k>/validation/<case>.nii.gz`` and ``fold_<k>/validation/summary.json`` (+ CSV, box plots);
+* ``crossval/summary.json``: all folds' validation cases together;
+* ``postprocessing.json`` (:mod:`decathlete.infer.postprocess`), which ``predict`` then applies, and, when a step
+  was kept, ``crossval_postprocessed/`` with the postprocessed predictions and their ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from decathlete.evaluate import evaluate_pairs, labels_from_dataset_json
+from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
+from decathlete.infer.predictor import Predictor, resolve_fold_dirs
+from decathlete.io.atomic import write_json_atomic
+from decathlete.io.datasets import load_dataset
+from decathlete.io.images import read_label, write_image
+from decathlete.planning.plans import Plans
+from decathlete.train.checkpoint import FINAL
+from decathlete.train.trainer import fold_split
+
+
+def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
+                   recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool = True,
+                   step: float = 0.5, workers: int = 1, overwrite: bool = False, progress: bool = True
+                   ) -> dict[str, Any]:
+    """Predict, score and choose postprocessing (module docstring); returns the key figures.
+
+    Returns:
+        ``{"folds", "n_cases", "mean", "foreground_mean", "postprocessing", "postprocessed_mean", "folder"}``.
+    """
+    workdir = Path(workdir)
+    fold_dirs = resolve_fold_dirs(workdir, configuration, folds, recipe)
+    root = fold_dirs[0].parent
+    plans = Plans.load(fold_dirs[0] / "plans.json")
+    dataset = load_dataset(plans.dataset["root"])
+    cases = {c.id: c for c in dataset.training}
+    labels = labels_from_dataset_json(dataset.root)
+    pairs: list[tuple[str, Path, Path]] = []
+    for fold_dir in fold_dirs:
+        fold = int(fold_dir.name.split("_")[1])
+        val_ids = fold_split(workdir, plans, fold)["val"]
+        out = fold_dir / "validation"
+        predictor = Predictor(workdir, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
+                              step=step, recipe=root.name, postprocess=False)
+        done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
+                                       progress=progress)
+        fold_pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
+        evaluate_pairs(fold_pairs, labels, workers=workers, output=out / "summary.json")
+        pairs += fold_pairs
+    summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json")
+    spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels)
+    spec["folds"] = [int(d.name.split("_")[1]) for d in fold_dirs]
+    save_postprocessing(spec, root)
+    result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],
+              "foreground_mean": summary["foreground_mean"], "postprocessing": {
+                  k: spec[k] for k in ("foreground", "per_class", "mean_dice_before", "mean_dice_after")},
+              "postprocessed_mean": None, "folder": str(root)}
+    if spec["foreground"] or spec["per_class"]:
+        result["postprocessed_mean"] = _score_postprocessed(pairs, spec, labels, root, workers)["mean"]
+    write_json_atomic(root / "crossval" / "result.json", result)
+    return result
+
+
+def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, Any], labels: dict[str, Any],
+                         root: Path, workers: int) -> dict[str, Any]:
+    out = root / "crossval_postprocessed"
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for cid, pred, ref in pairs:
+        seg, geometry = read_label(pred)
+        target = out / pred.name
+        write_image(apply_postprocessing(seg, spec), geometry, target, dtype=seg.dtype)
+        done.append((cid, target, ref))
+    return evaluate_pairs(done, labels, workers=workers, output=out / "summary.json")
