@@ -38,6 +38,7 @@ def subset_dataset(src: Path, dst: Path, n: int) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / entry[key], target)
     (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (dst / "imagesTs").mkdir(exist_ok=True)  # nnUNetv2_convert_MSD_dataset asserts that it exists
     return dst
 
 

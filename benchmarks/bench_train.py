@@ -255,7 +255,7 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
                   "higher", details, note)
 
 
-def _nnunet_trainer_path() -> Path:
+def _nnunet_trainer_path(name: str = TRAINER_NAME) -> Path:
     out = subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", "import nnunetv2, os; "
                           "print(os.path.dirname(nnunetv2.__file__))"], env=_ref_env(), capture_output=True,
                          text=True)
@@ -264,12 +264,12 @@ def _nnunet_trainer_path() -> Path:
     # Top level, not variants/benchmarking/: the lookup by name imports the folder's modules before it walks the
     # subpackages in alphabetical order, and primus/ (before variants/) imports timm -> torchvision, which fails in
     # the CPU reference environment ("operator torchvision::nms does not exist").
-    return Path(out.stdout.strip()) / "training" / "nnUNetTrainer" / f"{TRAINER_NAME}.py"
+    return Path(out.stdout.strip()) / "training" / "nnUNetTrainer" / f"{name}.py"
 
 
 def _remove_trainer(path: Path) -> None:
     path.unlink(missing_ok=True)
-    for cached in (path.parent / "__pycache__").glob(f"{TRAINER_NAME}.*.pyc"):
+    for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
         cached.unlink(missing_ok=True)
 
 
@@ -306,7 +306,6 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
     data = src
     if args.quick:
         data = subset_dataset(src, tmp / DATASET, QUICK_CASES)
-        (data / "imagesTs").mkdir(exist_ok=True)  # nnUNetv2_convert_MSD_dataset asserts that it exists
     n_cases = len(json.loads((data / "dataset.json").read_text())["training"])
     n, v, workers = LOOP_ITERATIONS[bool(args.quick)], LOOP_VAL_ITERATIONS, str(args.workers)
     work = tmp / "decathlete"

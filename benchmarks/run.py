@@ -15,12 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_accuracy  # noqa: E402
 import bench_augment  # noqa: E402
+import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 from common import REPO, git_commit, machine, now  # noqa: E402
 
-BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run}
+BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run,
+              "predict": bench_predict.run, "accuracy_at_budget": bench_accuracy.run}
 
 
 def fmt(value: float | None) -> str:
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per side (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, the same for both sides")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--budgets", type=float, nargs="+", metavar="MIN",
+                        help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 2)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
