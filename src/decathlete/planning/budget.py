@@ -91,11 +91,15 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, steps: 
     from decathlete.recipes.default import get_recipe
     from decathlete.train.distributed import World
     from decathlete.train.steps import to_targets
-    from decathlete.train.trainer import augmentation_for, build_loss, build_network, build_optimizer
+    from decathlete.train.trainer import augmentation_for, build_loss, build_network, build_optimizer, channels_last
 
     torch.manual_seed(seed)
     recipe = get_recipe(plans.recipe)
     net = build_network(config, plans).to(device)
+    fmt = torch.contiguous_format
+    if channels_last(device, config.spatial_dims):  # as the trainer runs it
+        fmt = torch.channels_last_3d if config.spatial_dims == 3 else torch.channels_last
+        net = net.to(memory_format=fmt)
     loss_fn = build_loss(recipe, config, plans, World()).to(device)
     optimizer = build_optimizer(recipe, net)
     aug, input_size = augmentation_for(config)
@@ -110,14 +114,15 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, steps: 
         image, label = augment(image, label, config.patch_size, aug, gen)
         targets = downsample_target(to_targets(label, plans.dataset.get("regions")), factors)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(net(image), targets)
+            loss = loss_fn(net(image.contiguous(memory_format=fmt)), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     def forward() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            net(torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device))
+            net(torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device)
+                .contiguous(memory_format=fmt))
 
     return {"step_seconds": _timed(step, steps, warmup, device), "forward_seconds": _timed(forward, 1, 1, device)}
 

@@ -194,7 +194,7 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
     split = fold_split(workdir, plans, settings.fold)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build_network(config, plans).to(dev)
-    if dev.type == "cuda":
+    if channels_last(dev, config.spatial_dims):
         model = model.to(memory_format=torch.channels_last_3d if config.spatial_dims == 3 else torch.channels_last)
     optimizer = build_optimizer(recipe, model)
     state = TrainState()
@@ -321,8 +321,14 @@ def _preprocessed_ids(workdir: Path, plans: Plans) -> list[str]:
     return sorted(ids)
 
 
+def channels_last(dev: torch.device, dims: int) -> bool:
+    """Channels-last training: on CUDA, and for 3D on the CPU too (measured on 2 cores, hippocampus patch, batch 2:
+    a training step 15-25% faster for 8 base features, ~7% for 12, ~10% for 32)."""
+    return dev.type == "cuda" or dims == 3
+
+
 def _memory_format(image: torch.Tensor, dev: torch.device, dims: int) -> torch.Tensor:
-    if dev.type != "cuda":
+    if not channels_last(dev, dims):
         return image
     return image.contiguous(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
 
