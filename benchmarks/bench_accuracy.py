@@ -85,7 +85,7 @@ def _run(args: Any, src: Path, tmp: Path, budgets: list[float], installed: list[
                 "predicted from the raw images with mirroring TTA, no postprocessing. decathlete: " + _describe(o) +
                 "; nnU-Net: " + _describe(t))
         records.append(Record(_name(m), "Dice", o.get("dice"), t.get("dice"), REFERENCE, "higher",
-                              {"decathlete": o, "reference": t, "validation_cases": val}, note))
+                              {"decathlete": o, "reference": t, "validation_cases": val}, note, repeats=1))
     return records
 
 

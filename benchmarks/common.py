@@ -34,6 +34,7 @@ class Record:
     better: str
     details: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    repeats: int | None = None  # runs behind the figure; None: the harness's --repeats
 
     @property
     def ratio(self) -> float | None:

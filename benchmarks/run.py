@@ -30,6 +30,10 @@ def fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+def _runs(repeats: int) -> str:
+    return f"median of {repeats}" if repeats > 1 else "one run"
+
+
 def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> None:
     """Merge this run's records into latest.json (a record of another benchmark keeps its own date and commit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +41,9 @@ def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> Non
              "repeats": args.repeats, "workers": args.workers}
     path = out_dir / "latest.json"
     kept = json.loads(path.read_text()).get("records", []) if path.is_file() else []
-    fresh = [{**r.to_dict(), **stamp} for r in records]
+    fresh = [{**stamp, **r.to_dict()} for r in records]
+    for r in fresh:
+        r["repeats"] = r["repeats"] or args.repeats
     names = {r["name"] for r in fresh}
     merged = [r for r in kept if r["name"] not in names and "date" in r] + fresh
     path.write_text(json.dumps({"machine": stamp["machine"], "records": merged}, indent=2))
@@ -48,7 +54,7 @@ def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> Non
         lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['decathlete'])} | {fmt(r['reference'])} | "
                      f"{r['reference_name']} | {fmt(r['ratio'])} | {r['better']} | {r['date'][:10]} | "
                      f"{r['git_commit']}{' (quick)' if r['quick'] else ''} |")
-    notes = [f"- **{r['name']}** (median of {r['repeats']}): {r['note']}" for r in merged if r["note"]]
+    notes = [f"- **{r['name']}** ({_runs(r['repeats'])}): {r['note']}" for r in merged if r["note"]]
     (out_dir / "latest.md").write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
 
 
