@@ -12,9 +12,9 @@ Rules, in order (the patch planned from the fingerprint is always kept, so the n
 2. Batch: grown from 2 towards the planned batch while the iterations stay at or above ``MIN_ITERATIONS``.
 3. Iterations: what the budget holds, capped at nnU-Net's 250,000, so a large budget on a GPU gives nnU-Net's plan.
 Step times are measured, never assumed: a whole training step (augmentation of a random batch of the configuration's
-input size, forward, Dice+CE with deep supervision, backward, SGD step) after a warm-up step. Times of larger batches
-are extrapolated linearly from batch 2 to choose, then the chosen candidate is measured again and that figure is the
-one the prediction uses (``measured`` / ``extrapolated`` in each candidate's record says which is which).
+input size, forward, Dice+CE with deep supervision, backward, SGD step), the median of 5 after 2 warm-up steps. Larger
+batches are extrapolated linearly from batch 2 to choose; the chosen candidate is then measured, and that figure is
+the one the prediction uses. Every candidate recorded in ``training["candidates"]`` is a measurement.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import platform
 import re
+import statistics
 import time
 from dataclasses import replace
 from typing import Any
@@ -83,9 +84,10 @@ def _outputs(plans: Plans) -> int:
     return len(regions) if regions else len(plans.dataset["label_values"])
 
 
-def time_step(config: Configuration, plans: Plans, device: torch.device, steps: int = 2, warmup: int = 1,
+def time_step(config: Configuration, plans: Plans, device: torch.device, steps: int = 5, warmup: int = 2,
               seed: int = 0) -> dict[str, float]:
-    """Seconds of one training step and of one validation forward pass, measured on ``device``."""
+    """Seconds of one training step and of one validation forward pass on ``device``: the median of ``steps``
+    after ``warmup`` (the first steps pay for allocations and kernel selection; medians resist a busy machine)."""
     from decathlete.augment import augment
     from decathlete.losses.deep_supervision import downsample_target, ds_factors
     from decathlete.recipes.default import get_recipe
@@ -126,18 +128,20 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, steps: 
             net(torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device)
                 .contiguous(memory_format=fmt))
 
-    return {"step_seconds": _timed(step, steps, warmup, device), "forward_seconds": _timed(forward, 1, 1, device)}
+    return {"step_seconds": _timed(step, steps, warmup, device), "forward_seconds": _timed(forward, 3, 1, device)}
 
 
 def _timed(fn: Any, steps: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
 
 
 def _sync(device: torch.device) -> None:
