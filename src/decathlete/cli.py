@@ -115,6 +115,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_help: str) -> None:
+    """Which trained model to run and how: shared by `predict` and `crossval`."""
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", "--folds", nargs="+", default=[default_folds], help=folds_help)
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("--recipe", help="recipe folder to use when several were trained")
+    p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+
+
+def _folds(args: argparse.Namespace) -> str | list[int]:
+    return "all" if args.folds == ["all"] else [int(f) for f in args.folds]
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment every image of a folder with a trained model",
                        description="Segment every case in IN (one file per case, or nnU-Net _0000 channel files) "
@@ -125,15 +140,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
     p.add_argument("-m", "--model", required=True, metavar="WORKDIR",
                    help="work folder (or WORKDIR/models/<config>/<recipe>) holding the trained folds")
-    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
-    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble, or 'all' (default: 0)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
-    p.add_argument("--recipe", help="recipe folder to use when several were trained")
-    p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
+    _add_model_options(p, default_folds="0", folds_help="folds to ensemble, or 'all' (default: 0)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--save-probabilities", action="store_true", help="also write OUT/<case>.npz with probabilities")
-    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     p.add_argument("--no-postprocessing", action="store_true",
                    help="ignore the model's postprocessing.json (written by `decathlete crossval`)")
     p.set_defaults(func=_cmd_predict)
@@ -142,7 +151,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from decathlete.infer.predictor import predict_folder
 
-    folds = "all" if args.folds == ["all"] else [int(f) for f in args.folds]
+    folds = _folds(args)
     summary = predict_folder(args.input, args.output, args.model, args.configuration, folds,
                              overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                              checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
@@ -161,13 +170,7 @@ def _add_crossval(sub: argparse._SubParsersAction) -> None:
                                    "postprocessing.json (applied by `predict`) under "
                                    "WORKDIR/models/<config>/<recipe>/.")
     p.add_argument("workdir", help="work folder with trained folds")
-    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
-    p.add_argument("-f", "--folds", nargs="+", default=["all"], help="folds (default: every trained fold)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
-    p.add_argument("--recipe", help="recipe folder to use when several were trained")
-    p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    _add_model_options(p, default_folds="all", folds_help="folds (default: every trained fold)")
     p.add_argument("-j", "--workers", type=_workers, default=1, help="processes for scoring")
     p.set_defaults(func=_cmd_crossval)
 
@@ -175,7 +178,7 @@ def _add_crossval(sub: argparse._SubParsersAction) -> None:
 def _cmd_crossval(args: argparse.Namespace) -> int:
     from decathlete.crossval import cross_validate
 
-    folds = "all" if args.folds == ["all"] else [int(f) for f in args.folds]
+    folds = _folds(args)
     result = cross_validate(args.workdir, args.configuration, folds, recipe=args.recipe, checkpoint=args.checkpoint,
                             device=args.device, tta=not args.no_tta, workers=args.workers, overwrite=args.overwrite)
     for name, values in result["mean"].items():

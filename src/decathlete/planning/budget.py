@@ -71,17 +71,14 @@ def with_width(config: Configuration, plans: Plans, base: int, batch: int) -> Co
     scale = base / old[0]
     features = [max(1, int(round(f * scale))) for f in old]
     kwargs["features_per_stage"] = features
-    n_in, n_out = len(plans.dataset["channel_names"]), _outputs(plans)
+    from decathlete.train.trainer import num_outputs
+
+    n_in, n_out = len(plans.dataset["channel_names"]), num_outputs(plans)
     params = get("nets", config.network.name).parameter_count(n_in, n_out, **kwargs)
     memory = memory_gb(config.network.name, kwargs, config.patch_size, batch, n_in, n_out)
     return replace(config, features_per_stage=features, network=NetworkSpec(config.network.name, kwargs),
                    batch_size=batch, parameters=int(params), memory_estimate_gb=round(memory, 3),
                    notes=list(config.notes))
-
-
-def _outputs(plans: Plans) -> int:
-    regions = plans.dataset.get("regions")
-    return len(regions) if regions else len(plans.dataset["label_values"])
 
 
 def time_step(config: Configuration, plans: Plans, device: torch.device, steps: int = 5, warmup: int = 2,
