@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from decathlete import api
 from decathlete.planning import budget
 from decathlete.planning.plans import Plans
 from decathlete.synthetic import make_synthetic_dataset
+from decathlete.train import trainer as trainer_module
 from decathlete.train.checkpoint import FINAL, load_checkpoint
-from decathlete.train.clock import TrainingClock
+from decathlete.train.clock import TrainingClock, refit_epochs
+from decathlete.train.distributed import World
 from decathlete.train.trainer import build_network, train
 
 SHAPE = (16, 40, 40)
@@ -148,3 +151,41 @@ def test_clock_progress_and_stop() -> None:
     assert clock.schedule_step(10, 1000) >= 499
     assert not clock.out_of_time(10) and clock.out_of_time(60)
     assert math.isclose(TrainingClock(10.0, already_s=20.0).progress(0, 10), 1.0)
+
+
+def test_epochs_are_refitted_from_measured_epoch_time() -> None:
+    clock = TrainingClock(100.0, already_s=40.0)  # 60 s left
+    # median epoch 12 s: 60 / 12 = 5 more epochs after the 3 done
+    assert clock.epochs_that_fit(3, [10.0, 12.0, 30.0]) == 8
+    assert clock.epochs_that_fit(3, [25.0]) == 3 + 2  # 2.4 rounds to 2; the clock stops what overruns
+    assert TrainingClock(None).epochs_that_fit(3, [10.0]) is None
+    assert TrainingClock(100.0).epochs_that_fit(0, []) is None
+    assert TrainingClock(10.0, already_s=20.0).epochs_that_fit(4, [1.0]) == 4  # overdrawn: stop now
+    cpu = torch.device("cpu")
+    assert refit_epochs(clock, 3, [12.0], planned=9, world=World(), dev=cpu) == 8
+    assert refit_epochs(TrainingClock(None), 3, [12.0], planned=9, world=World(), dev=cpu) == 9
+
+
+def test_trainer_runs_the_refitted_number_of_epochs(workdir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A budgeted run planned for 1 epoch whose first epoch shows room for 3 runs 3, annealed over all 3."""
+    torch.set_num_threads(1)
+    calls = []
+
+    def fake_refit(clock, epochs_done, epoch_seconds, planned, world, dev):
+        calls.append((epochs_done, planned, len(epoch_seconds)))
+        return 3
+
+    monkeypatch.setattr(trainer_module, "refit_epochs", fake_refit)
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
+    summary = train(work, "3d_fullres", 0, epochs=1, iterations_per_epoch=2, val_iterations=1, device="cpu",
+                    num_workers=0, progress=False, time_budget="1h")
+    assert summary["epochs"] == 3 and summary["steps"] == 6 and not summary["stopped_by_time_budget"]
+    assert calls[0] == (1, 1, 1) and [c[0] for c in calls] == [1, 2, 3]
+    saved = load_checkpoint(Path(summary["folder"]) / FINAL)
+    assert saved["settings"]["recipe"]["epochs"] == 3
+    lrs = saved["state"]["history"]["lr"]
+    # the last lr of each epoch: poly(0.9) over 2 planned steps, then over the 6 refitted ones
+    assert lrs == pytest.approx([1e-2 * (1 - 1 / 2) ** 0.9, 1e-2 * (1 - 3 / 6) ** 0.9, 1e-2 * (1 - 5 / 6) ** 0.9],
+                                rel=1e-3)

@@ -30,7 +30,7 @@ from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.default import Recipe, get_recipe
 from decathlete.train import checkpoint as ckpt
-from decathlete.train.clock import TrainingClock
+from decathlete.train.clock import TrainingClock, budget_spent, refit_epochs
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
 from decathlete.train.progress import TrainingLog, plot_progress
 from decathlete.train.steps import TrainBatches, ValidationBatches, pseudo_dice_counts, to_targets
@@ -235,7 +235,7 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
         bar = tqdm(range(settings.iterations_per_epoch), desc=f"epoch {state.epoch}", disable=not (progress and
                                                                                               world.is_main))
         for _ in bar:
-            out_of_time = _out_of_time(clock, reserve_s, world, dev)
+            out_of_time = budget_spent(clock, reserve_s, world, dev)
             if out_of_time and losses:
                 break
             lr = base_lr * schedule(clock.schedule_step(state.step, total_steps), total_steps)
@@ -265,6 +265,8 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
         state.seconds = clock.elapsed()
         if out_of_time:
             log(f"time budget of {settings.time_budget:.0f} s reached after {state.step} steps: stopping")
+        else:
+            total_steps = _refit(settings, state, clock, world, dev, log)
         log(f"epoch {state.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
             f"{[round(d, 4) for d in dice]}, EMA {state.ema_dice:.4f}, lr {lr:.2e}, "
             f"{state.history['epoch_seconds'][-1]:.1f} s")
@@ -282,14 +284,15 @@ def _run(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, set
     return summary
 
 
-def _out_of_time(clock: TrainingClock, reserve_s: float, world: World, dev: torch.device) -> bool:
-    """Whether the budget is spent; under DDP every rank must stop at the same step, so rank 0's clock decides."""
-    if not clock.budget_s:
-        return False
-    if world.size == 1:
-        return clock.out_of_time(reserve_s)
-    spent = torch.tensor(float(world.is_main and clock.out_of_time(reserve_s)), device=dev)
-    return all_reduce_sum(spent, world).item() > 0
+def _refit(settings: RunSettings, state: TrainState, clock: TrainingClock, world: World, dev: torch.device,
+           log: TrainingLog) -> int:
+    """Re-count the epochs of a budgeted run from its measured epoch time; returns the new total of steps."""
+    epochs = refit_epochs(clock, state.epoch, state.history["epoch_seconds"], settings.epochs, world, dev)
+    if epochs != settings.epochs:
+        log(f"{clock.elapsed():.0f} of {settings.time_budget:.0f} s spent at {state.epoch} epochs: the budget now "
+            f"holds {epochs} epochs in all (was {settings.epochs})")
+        settings.recipe["epochs"] = epochs
+    return settings.epochs * settings.iterations_per_epoch
 
 
 def fold_count(workdir: str | Path) -> int:
