@@ -17,13 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_accuracy  # noqa: E402
 import bench_augment  # noqa: E402
+import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 from common import REPO, git_commit, machine, now  # noqa: E402
 
 BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run,
-              "predict": bench_predict.run, "accuracy_at_budget": bench_accuracy.run}
+              "predict": bench_predict.run, "accuracy_at_budget": bench_accuracy.run,
+              "memory_large_volume": bench_memory.run}
 
 
 def fmt(value: float | None) -> str:

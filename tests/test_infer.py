@@ -13,6 +13,7 @@ import torch
 from decathlete import api
 from decathlete.infer import gaussian_importance, mirrored_forward, sliding_window_predict, tile_starts
 from decathlete.infer.predictor import Predictor, discover_cases, invert_preprocessing, predict_folder
+from decathlete.infer.sliding_window import whole_volume_patch
 from decathlete.infer.tta import flip_combinations
 from decathlete.io import images
 from decathlete.preprocess.cropping import paste_into_bbox
@@ -134,6 +135,28 @@ def test_sliding_window_has_no_seams(shape: tuple[int, ...], patch: tuple[int, .
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     mirrored = sliding_window_predict(net, image, patch, 3, mirror_axes=(0, 1, 2))  # a 1x1 conv is flip-equivariant
     torch.testing.assert_close(mirrored, expected, atol=1e-5, rtol=0)
+
+
+def test_whole_volume_patch_hand_computed() -> None:
+    # 43x59x47 with patch 40x56x40 and divisor 8x8x8: 2x2x2 = 8 tiles (716,800 voxels) vs one 48x64x48 (147,456)
+    assert whole_volume_patch((43, 59, 47), (40, 56, 40), (8, 8, 8)) == (48, 64, 48)
+    assert whole_volume_patch((36, 50, 35), (40, 56, 40), (8, 8, 8)) is None  # one tile of the padded image anyway
+    assert whole_volume_patch((200, 200, 200), (40, 56, 40), (8, 8, 8)) is None  # over 4 patches: tile it
+    # 2x1x1 tiles = 2 patches vs a 48x56x40 whole volume (1.2 patches)
+    assert whole_volume_patch((41, 30, 40), (40, 56, 40), (16, 8, 8)) == (48, 56, 40)
+
+
+def test_whole_volume_inference_is_one_pass_over_the_padded_image() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 3, padding=1)).eval()
+    image = torch.randn(1, 19, 21, 17)
+    calls = []
+    net.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
+    got = sliding_window_predict(net, image, (16, 16, 16), 2, whole_volume_divisor=(4, 4, 4))
+    assert calls == [(1, 1, 20, 24, 20)]  # 8 tiles replaced by one padded pass (half before, half after)
+    padded = torch.nn.functional.pad(image, (1, 2, 1, 2, 0, 1))
+    expected = net(padded[None])[0, :, 0:19, 1:22, 1:18].detach()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])

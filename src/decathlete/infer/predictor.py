@@ -25,6 +25,7 @@ Outside the crop box the label is background (0) and the saved probabilities are
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import warnings
@@ -169,12 +170,15 @@ class Predictor:
         mirror_axes: override the TTA axes (patch axes, 0 = z in 3D); ignored without ``tta``.
         batch_tiles: tiles per forward pass (None: automatic).
         postprocess: apply the model's ``postprocessing.json`` (written by ``decathlete crossval``) when there is one.
+        whole_volume: run images a little larger than the patch as one forward pass when that computes fewer voxels
+            than the overlapping tiles (see `decathlete.infer.sliding_window.whole_volume_patch`).
     """
 
     def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
                  checkpoint: str = FINAL, device: str = "auto", tta: bool = True, step: float = 0.5,
                  recipe: str | None = None, *, mirror_axes: Sequence[int] | None = None,
-                 batch_tiles: int | None = None, postprocess: bool = True) -> None:  # fmt: skip
+                 batch_tiles: int | None = None, postprocess: bool = True,
+                 whole_volume: bool = False) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config = self.plans.configuration(configuration)
@@ -183,6 +187,8 @@ class Predictor:
                 raise ValueError(f"{d} was trained with a different '{configuration}' plan than {self.fold_dirs[0]}")
         self.device = resolve_device(device)
         self.step, self.batch_tiles = step, batch_tiles
+        self.divisor = [math.prod(s[a] for s in self.config.strides) for a in range(len(self.config.patch_size))]
+        self.whole_volume = whole_volume
         axes = default_mirror_axes(self.config) if mirror_axes is None else tuple(mirror_axes)
         self.mirror_axes = axes if tta else ()
         dataset = self.plans.dataset
@@ -211,7 +217,8 @@ class Predictor:
     def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         axis = int(self.config.resampling.get("slice_axis", 0))
         run = partial(sliding_window_predict, net, image, self.config.patch_size, self.num_classes, self.step,
-                      self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis)  # fmt: skip
+                      self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis,
+                      whole_volume_divisor=self.divisor if self.whole_volume else None)  # fmt: skip
         if self.device.type == "cuda":
             try:
                 return run(accumulate_device=self.device)
