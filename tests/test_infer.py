@@ -12,7 +12,8 @@ import torch
 
 from decathlete import api
 from decathlete.infer import gaussian_importance, mirrored_forward, sliding_window_predict, tile_starts
-from decathlete.infer.predictor import Predictor, discover_cases, invert_preprocessing, predict_folder
+from decathlete.infer.cases import discover_cases
+from decathlete.infer.predictor import Predictor, invert_preprocessing, predict_folder
 from decathlete.infer.sliding_window import whole_volume_patch
 from decathlete.infer.tta import flip_combinations
 from decathlete.io import images

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from decathlete.infer.cases import discover_cases
 from decathlete.infer.sliding_window import gaussian_importance, sliding_window_predict, tile_starts
 from decathlete.infer.tta import flip_combinations, mirrored_forward
 
 __all__ = [
     "Predictor",
+    "discover_cases",
     "flip_combinations",
     "gaussian_importance",
     "mirrored_forward",
@@ -23,7 +25,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Predictor", "predict_folder", "invert_preprocessing", "discover_cases"):
+    if name in ("Predictor", "predict_folder", "invert_preprocessing"):
         from decathlete.infer import predictor
 
         return getattr(predictor, name)

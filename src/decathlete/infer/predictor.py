@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,18 +39,17 @@ import torch
 from tqdm.auto import tqdm
 
 from decathlete import registry
+from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
-from decathlete.io.images import SUPPORTED_SUFFIXES, Geometry, write_image
+from decathlete.io.images import Geometry, write_image
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
 from decathlete.train.checkpoint import FINAL, load_checkpoint
 from decathlete.train.trainer import augmentation_for, build_network, num_outputs, resolve_device
-
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_0000.nii.gz, <case>_0001 ...
 
 
 def resolve_fold_dirs(
@@ -304,7 +302,7 @@ class Predictor:
         start = time.perf_counter()
         output_dir = Path(output_dir)
         cases = {cid: [Path(p) for p in paths] for cid, paths in cases.items()}
-        targets = {cid: output_dir / f"{cid}{_output_ending(paths[0])}" for cid, paths in cases.items()}
+        targets = {cid: output_dir / f"{cid}{output_ending(paths[0])}" for cid, paths in cases.items()}
         output_dir.mkdir(parents=True, exist_ok=True)
         finals = {p.name for p in targets.values()} | {f"{cid}.npz" for cid in cases}
         for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
@@ -341,82 +339,6 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | P
     return predictor.predict_folder(
         input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress
     )
-
-
-def check_output_folder(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output folder that is, or lies inside, the input folder (predictions would be read as images)."""
-    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    if not inp.is_dir():
-        raise FileNotFoundError(f"input folder {input_dir} does not exist")
-    if out == inp or inp in out.parents:
-        where = "is the input folder" if out == inp else f"lies inside the input folder {input_dir}"
-        raise ValueError(
-            f"output folder {output_dir} {where}: predictions would be mixed with the images (and read "
-            "as cases by the next run); choose a folder outside it"
-        )
-
-
-def _split_suffix(path: Path) -> tuple[str, str] | None:
-    """(case id, ending as written) of a supported image file name, else None."""
-    suffix = next((s for s in SUPPORTED_SUFFIXES if path.name.lower().endswith(s)), None)
-    return None if suffix is None else (path.name[: -len(suffix)], path.name[-len(suffix) :])
-
-
-def _output_ending(image: Path) -> str:
-    """The input's own file ending; ``.nii.gz`` for a DICOM series (a folder)."""
-    split = _split_suffix(image)
-    return ".nii.gz" if split is None or image.is_dir() else split[1]
-
-
-def discover_cases(folder: str | Path, n_channels: int) -> dict[str, list[Path]]:
-    """Cases of an input folder: case id -> image files in channel order.
-
-    nnU-Net layout when EVERY image is named ``<case>_<4 digits><ending>`` and every case has exactly channels
-    ``0000 .. n_channels - 1``; otherwise one file per case (its name without suffix is the case id), so MSD-style
-    names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases, not channels. A sub-folder holding
-    files is a DICOM series (one single-channel case named after the folder, written as ``.nii.gz``). Hidden files
-    and folders (the temporaries of atomic writes) are ignored.
-
-    Raises:
-        FileNotFoundError: no images. ValueError: incomplete channel files, or two files with the same case id.
-    """
-    folder = Path(folder)
-    files, series = {}, {}
-    for path in sorted(folder.iterdir()):
-        split = _split_suffix(path)
-        if path.name.startswith("."):
-            continue
-        if split is not None and path.is_file():
-            files[path] = split[0]
-        elif path.is_dir() and any(f.is_file() for f in path.iterdir()):
-            series[path.name] = [path]
-    if series:
-        if n_channels != 1 or files:
-            raise ValueError(f"{folder}: DICOM series folders ({', '.join(series)}) can only be predicted by a "
-                             "one-channel model, in a folder of series only; put image files in another folder")
-        return series
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) or DICOM series folders in {folder}")
-    matches = {p: _CHANNEL_FILE.match(stem) for p, stem in files.items()}
-    if all(matches.values()):
-        groups: dict[str, dict[int, Path]] = {}
-        for path, m in matches.items():
-            groups.setdefault(m["case"], {})[int(m["channel"])] = path
-        wanted = list(range(n_channels))
-        if all(sorted(g) == wanted for g in groups.values()):
-            return {cid: [g[c] for c in wanted] for cid, g in sorted(groups.items())}
-        if n_channels > 1:
-            bad = [f"{cid} has {sorted(g)}" for cid, g in sorted(groups.items()) if sorted(g) != wanted]
-            raise ValueError(
-                f"{folder}: channel files incomplete for a {n_channels}-channel model "
-                f"(need _0000 .. _{n_channels - 1:04d}): {'; '.join(bad)}"
-            )
-    cases: dict[str, list[Path]] = {}
-    for path, stem in files.items():
-        if stem in cases:
-            raise ValueError(f"{folder}: two images for case '{stem}': {cases[stem][0].name} and {path.name}")
-        cases[stem] = [path]
-    return cases
 
 
 def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:
