@@ -27,12 +27,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arch", type=Path, required=True)
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     arch = json.loads(args.arch.read_text())
     torch.manual_seed(0)
     net = build_reference(arch)
     net.decoder.deep_supervision = False
-    net.eval()
+    net.eval().to(args.device)
     patch = tuple(arch["patch_size"])  # (z, y, x): the arrays below are transposed to that order
     flips = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)] if args.tta else [()]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def main() -> None:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)
         data = (data - data.mean()) / max(float(data.std()), 1e-8)
-        x = torch.from_numpy(np.ascontiguousarray(data))[None, None]
+        x = torch.from_numpy(np.ascontiguousarray(data))[None, None].to(args.device)
         with torch.inference_mode():
             logits = None
             for axes in flips:
@@ -48,7 +49,7 @@ def main() -> None:
                 out = sliding_window_inference(inp, patch, 1, net, overlap=0.5, mode="gaussian")
                 out = torch.flip(out, axes) if axes else out
                 logits = out if logits is None else logits + out
-        label = logits[0].argmax(0).numpy().astype(np.uint8).transpose(2, 1, 0)
+        label = logits[0].argmax(0).cpu().numpy().astype(np.uint8).transpose(2, 1, 0)
         nib.save(nib.Nifti1Image(label, img.affine, img.header), str(args.out / path.name))
 
 

@@ -38,18 +38,23 @@ def ds_factors(strides: list[list[int]], n_outputs: int) -> list[list[int]]:
     return factors
 
 
-def step_loop(net: Any, arch: dict[str, Any], warmup: int, iterations: int, threads: int, seed: int = 0
-              ) -> dict[str, Any]:
-    """Time ``warmup`` + ``iterations`` training steps of ``net`` (deep supervision on); returns per-step seconds."""
+def step_loop(net: Any, arch: dict[str, Any], warmup: int, iterations: int, threads: int, seed: int = 0,
+              device: str = "cpu") -> dict[str, Any]:
+    """Time ``warmup`` + ``iterations`` training steps of ``net`` (deep supervision on); returns per-step seconds.
+
+    fp32 on every device (the same arithmetic on both sides); on CUDA each step ends with a synchronisation so that
+    its time covers the kernels it launched.
+    """
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     batch, patch = int(arch["batch_size"]), [int(p) for p in arch["patch_size"]]
-    image = torch.randn((batch, int(arch["in_channels"]), *patch), generator=generator)
-    label = torch.randint(0, int(arch["num_classes"]), (batch, *patch), generator=generator)
-    net.train()
+    image = torch.randn((batch, int(arch["in_channels"]), *patch), generator=generator).to(device)
+    label = torch.randint(0, int(arch["num_classes"]), (batch, *patch), generator=generator).to(device)
+    net.to(device).train()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad():
         n_outputs = len(net(image[:1]))
     targets = [label[(slice(None), *(slice(None, None, f) for f in factor))].contiguous()
@@ -63,6 +68,7 @@ def step_loop(net: Any, arch: dict[str, Any], warmup: int, iterations: int, thre
         loss = sum(F.cross_entropy(out, target) for out, target in zip(outputs, targets))
         loss.backward()
         optimizer.step()
+        sync()
         elapsed = time.perf_counter() - t0
         assert all(o.shape[2:] == t.shape[1:] for o, t in zip(outputs, targets)), [o.shape for o in outputs]
         return elapsed
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     from importlib.metadata import version
 
@@ -108,7 +115,7 @@ def main() -> None:
 
     arch = json.loads(args.arch.read_text())
     torch.manual_seed(args.seed)
-    out = step_loop(build_reference(arch), arch, args.warmup, args.iterations, args.threads, args.seed)
+    out = step_loop(build_reference(arch), arch, args.warmup, args.iterations, args.threads, args.seed, args.device)
     out["network"] = f"dynamic_network_architectures {version('dynamic_network_architectures')} PlainConvUNet"
     print(json.dumps(out))
 

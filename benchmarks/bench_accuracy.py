@@ -30,13 +30,14 @@ from typing import Any
 from bench_augment import _our_env, _ref_env
 from bench_preprocess import DATASET, NNUNET_ID, QUICK_CASES, _check, subset_dataset
 from bench_train import OUR_CLI, OUR_PYTHON, _has_reference, _nnunet_trainer_path, _remove_trainer
-from common import BENCH_VENV, SHARED_DATA, Record
+from common import BENCH_VENV, SHARED_DATA, Record, nnunet_device
 
 HERE = Path(__file__).resolve().parent
 TRAINER_SOURCE = HERE / "_nnunet_budget_trainer.py"
 TRAINER_NAME = "nnUNetTrainer_decathleteBudget"
 BUDGET_MINUTES = {False: [10.0, 20.0, 40.0], True: [2.0]}
-REFERENCE = "nnUNetv2_train -device cpu (default plan), stopped at the budget"
+def _reference(device: str) -> str:
+    return f"nnUNetv2_train -device {nnunet_device(device)} (default plan), stopped at the budget"
 
 
 def _name(minutes: float) -> str:
@@ -47,7 +48,8 @@ def run(args: Any) -> list[Record]:
     budgets = [float(b) for b in (getattr(args, "budgets", None) or BUDGET_MINUTES[bool(args.quick)])]
     src = SHARED_DATA / DATASET
     if not src.is_dir():
-        return [Record(_name(m), "Dice", None, None, REFERENCE, "higher", note=f"{src} is absent") for m in budgets]
+        return [Record(_name(m), "Dice", None, None, _reference(args.device), "higher", note=f"{src} is absent")
+                for m in budgets]
     tmp = Path(tempfile.mkdtemp(prefix="decathlete-bench-accuracy-"))
     installed: list[Path] = []
     try:
@@ -69,22 +71,23 @@ def _run(args: Any, src: Path, tmp: Path, budgets: list[float], installed: list[
         folder.mkdir()
         for cid in val:
             (folder / f"{cid}.nii.gz").symlink_to(data / sub / f"{cid}.nii.gz")
-    ours = {m: _ours(data, tmp / f"decathlete_{m:g}", m, splits, images, labels, args.workers) for m in budgets}
+    ours = {m: _ours(data, tmp / f"decathlete_{m:g}", m, splits, images, labels, args.workers, args.device)
+            for m in budgets}
     ref_problem = _has_reference()
     theirs: dict[float, dict[str, Any]] = {}
     if not ref_problem:
         try:
-            theirs = _theirs(data, tmp, budgets, splits, labels, args.workers, installed)
+            theirs = _theirs(data, tmp, budgets, splits, labels, args.workers, installed, args.device)
         except (RuntimeError, OSError, KeyError, StopIteration) as exc:
             ref_problem = f"nnU-Net failed: {str(exc)[-1200:]}"
     records = []
     for m in budgets:
         o, t = ours[m], theirs.get(m, {"error": ref_problem or "no result"})
-        note = (f"fold 0 of {len(ids)} cases ({len(val)} held out) of {DATASET}, {m:g} min of CPU training "
-                "(torch threads = CPU count on both sides); mean Dice over anterior/posterior of the held-out cases "
-                "predicted from the raw images with mirroring TTA, no postprocessing. decathlete: " + _describe(o) +
-                "; nnU-Net: " + _describe(t))
-        records.append(Record(_name(m), "Dice", o.get("dice"), t.get("dice"), REFERENCE, "higher",
+        note = (f"fold 0 of {len(ids)} cases ({len(val)} held out) of {DATASET}, {m:g} min of training on "
+                f"{args.device} (torch threads = CPU count on both sides); mean Dice over anterior/posterior of the "
+                "held-out cases predicted from the raw images with mirroring TTA, no postprocessing. decathlete: "
+                + _describe(o) + "; nnU-Net: " + _describe(t))
+        records.append(Record(_name(m), "Dice", o.get("dice"), t.get("dice"), _reference(args.device), "higher",
                               {"decathlete": o, "reference": t, "validation_cases": val}, note, repeats=1))
     return records
 
@@ -105,15 +108,15 @@ def _scores(pred: Path, labels: Path, data: Path, tag: str) -> dict[str, Any]:
 
 
 def _ours(data: Path, work: Path, minutes: float, splits: list, images: Path, labels: Path,
-          workers: int) -> dict[str, Any]:
+          workers: int, device: str) -> dict[str, Any]:
     try:
         budget = f"{minutes * 60:g}s"
         _check([str(OUR_CLI), "plan", str(data), "-o", str(work), "-j", str(workers), "--time-budget", budget,
-                "--device", "cpu", "-c", "3d_fullres"])
+                "--device", device, "-c", "3d_fullres"])
         _check([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", str(workers)])
         (work / "splits.json").write_text(json.dumps(splits))
         t0 = time.perf_counter()
-        _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--device", "cpu"], _our_env())
+        _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--device", device], _our_env())
         train_seconds = time.perf_counter() - t0
         run = next((work / "models" / "3d_fullres").glob("*/fold_0/run.json"))
         config = json.loads(run.read_text())["configuration"]
@@ -122,7 +125,7 @@ def _ours(data: Path, work: Path, minutes: float, splits: list, images: Path, la
         pred = work / "predictions"
         t0 = time.perf_counter()
         _check([str(OUR_CLI), "predict", "-i", str(images), "-o", str(pred), "-m", str(work), "-f", "0",
-                "--device", "cpu"])
+                "--device", device])
         predict_seconds = time.perf_counter() - t0
         training = config["training"]
         return {**_scores(pred, labels, data, "decathlete"), "train_process_seconds": round(train_seconds, 1),
@@ -138,7 +141,7 @@ def _ours(data: Path, work: Path, minutes: float, splits: list, images: Path, la
 
 
 def _theirs(data: Path, tmp: Path, budgets: list[float], splits: list, labels: Path, workers: int,
-            installed: list[Path]) -> dict[float, dict[str, Any]]:
+            installed: list[Path], device: str) -> dict[float, dict[str, Any]]:
     env = {**_ref_env(), "nnUNet_raw": str(tmp / "nnunet_raw"), "nnUNet_preprocessed": str(tmp / "nnunet_pre"),
            "nnUNet_results": str(tmp / "nnunet_results"), "nnUNet_n_proc_DA": str(workers)}
     nn_bin = BENCH_VENV / "bin"
@@ -153,7 +156,7 @@ def _theirs(data: Path, tmp: Path, budgets: list[float], splits: list, labels: P
     shutil.copyfile(TRAINER_SOURCE, target)
     marks = ",".join(f"{m * 60:g}" for m in budgets)
     _check([str(nn_bin / "nnUNetv2_train"), str(NNUNET_ID), "3d_fullres", "0", "-tr", TRAINER_NAME, "-device",
-            "cpu"], {**env, "DECATHLETE_BENCH_MARKS": marks})
+            nnunet_device(device)], {**env, "DECATHLETE_BENCH_MARKS": marks})
     fold = next((tmp / "nnunet_results").glob(f"*/{TRAINER_NAME}__*/fold_0"))
     saved = {round(c["mark_seconds"]): c for c in json.loads((fold / "bench_budget.json").read_text())["checkpoints"]}
     raw_images = next((tmp / "nnunet_raw").glob(f"Dataset{NNUNET_ID:03d}_*")) / "imagesTr"
@@ -167,7 +170,8 @@ def _theirs(data: Path, tmp: Path, budgets: list[float], splits: list, labels: P
         pred = tmp / f"nnunet_pred_{m:g}"
         t0 = time.perf_counter()
         _check([str(nn_bin / "nnUNetv2_predict"), "-i", str(images), "-o", str(pred), "-d", str(NNUNET_ID), "-c",
-                "3d_fullres", "-f", "0", "-tr", TRAINER_NAME, "-chk", info["checkpoint"], "-device", "cpu"], env)
+                "3d_fullres", "-f", "0", "-tr", TRAINER_NAME, "-chk", info["checkpoint"], "-device",
+                nnunet_device(device)], env)
         seconds = time.perf_counter() - t0  # its dataset/plans JSON files in pred are ignored by the evaluator
         out[m] = {**_scores(pred, labels, data, "nnunet"), "steps": info["iterations"],
                   "elapsed_seconds": round(info["elapsed_seconds"], 1), "epoch": info["epoch"], "lr": info["lr"],

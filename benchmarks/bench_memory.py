@@ -33,7 +33,7 @@ from bench_train import (
     _remove_trainer,
     _summary,
 )
-from common import BENCH_VENV, Record, alternate
+from common import BENCH_VENV, Record, alternate, nnunet_device
 from peak_rss import measure
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +41,6 @@ NNUNET_ID = 99
 RAW = "Task99_SyntheticCT"
 TEST_SHAPE = {False: (300, 512, 512), True: (120, 256, 256)}
 BASE_FEATURES = 4
-REFERENCE = "nnUNetv2_predict -device cpu"
 
 _NARROW_OURS = """
 import sys
@@ -65,19 +64,19 @@ def run(args: Any) -> list[Record]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ours(tmp: Path, workers: str) -> dict[str, Any]:
+def _ours(tmp: Path, workers: str, device: str) -> dict[str, Any]:
     """Plan, narrow, preprocess and train decathlete for one iteration; returns its network description."""
     work = tmp / "decathlete"
     _check([str(OUR_CLI), "plan", str(tmp / RAW), "-o", str(work), "-j", workers, "-c", "3d_fullres"])
     _check([str(OUR_PYTHON), "-c", _NARROW_OURS, str(work / "plans.json"), str(BASE_FEATURES)], _our_env())
     _check([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", workers])
     _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1",
-            "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", "cpu"], _our_env())
+            "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", device], _our_env())
     config = json.loads((work / "plans.json").read_text())["configurations"]["3d_fullres"]
     return {k: config[k] for k in ("patch_size", "spacing", "features_per_stage", "parameters")}
 
 
-def _theirs(tmp: Path, workers: str, installed: list[Path]) -> tuple[dict[str, str], dict[str, Any]]:
+def _theirs(tmp: Path, workers: str, installed: list[Path], device: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Convert, plan, narrow, preprocess and train nnU-Net for one iteration; returns (env, network description)."""
     env = {**_ref_env(), "nnUNet_raw": str(tmp / "nnunet_raw"), "nnUNet_preprocessed": str(tmp / "nnunet_pre"),
            "nnUNet_results": str(tmp / "nnunet_results"), "nnUNet_n_proc_DA": workers}
@@ -98,7 +97,7 @@ def _theirs(tmp: Path, workers: str, installed: list[Path]) -> tuple[dict[str, s
     shutil.copyfile(TRAINER_SOURCE, target)
     # fold "all": nnU-Net's 5-fold split refuses fewer than five training cases
     _check([str(nn_bin / "nnUNetv2_train"), str(NNUNET_ID), "3d_fullres", "all", "-tr", TRAINER_NAME, "-device",
-            "cpu"], {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
+            nnunet_device(device)], {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
     return env, {"patch_size": config["patch_size"], "spacing": config["spacing"],
                  "features_per_stage": kwargs["features_per_stage"]}
 
@@ -118,17 +117,18 @@ def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
            _our_env())
     (tmp / "test_nnunet").mkdir()
     (tmp / "test_nnunet" / "ct_0000.nii.gz").symlink_to(tmp / "test" / "ct.nii.gz")
-    ours_net, problem, env, their_net = _ours(tmp, workers), _has_reference(), {}, {}
+    device, ours_net, problem, env, their_net = args.device, _ours(tmp, workers, args.device), _has_reference(), {}, {}
     if not problem:
         try:
-            env, their_net = _theirs(tmp, workers, installed)
+            env, their_net = _theirs(tmp, workers, installed, device)
         except (RuntimeError, OSError, StopIteration, KeyError) as exc:
             problem = f"nnU-Net setup failed: {str(exc)[-1200:]}"
     ours = [str(OUR_CLI), "predict", "-i", str(tmp / "test"), "-o", str(tmp / "out_ours"), "-m",
-            str(tmp / "decathlete"), "-f", "0", "--no-tta", "--device", "cpu"]
+            str(tmp / "decathlete"), "-f", "0", "--no-tta", "--device", device]
     theirs = [str(BENCH_VENV / "bin" / "nnUNetv2_predict"), "-i", str(tmp / "test_nnunet"), "-o",
               str(tmp / "out_nnunet"), "-d", str(NNUNET_ID), "-c", "3d_fullres", "-f", "all", "-tr", TRAINER_NAME,
-              "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", workers, "-nps", workers, "--disable_tta"]
+              "-chk", "checkpoint_final.pth", "-device", nnunet_device(device), "-npp", workers, "-nps", workers,
+              "--disable_tta"]
     sides = {"decathlete": _guarded(lambda: _timed(ours, _our_env(), tmp / "out_ours", "ct.nii.gz"))}
     if not problem:
         sides["reference"] = _guarded(lambda: _timed(theirs, env, tmp / "out_nnunet", "ct.nii.gz"))
@@ -138,15 +138,15 @@ def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
     note = (f"synthetic CT {'x'.join(map(str, shape))} voxels (z, y, x) at 2.5x0.8x0.8 mm, int16, 6 classes "
             f"({voxels * 2 / 1e6:.0f} MB as int16; one float32 6-class stack at this grid {6 * voxels * 4 / 1e6:.0f}"
             f" MB); both models planned by their own planner on 4 cases 40x192x192 at the same spacing, narrowed to "
-            f"{BASE_FEATURES} base features, one training iteration; CPU, no TTA, whole command, peak RSS summed "
+            f"{BASE_FEATURES} base features, one training iteration; {device}, no TTA, whole command, peak RSS summed "
             f"over the process tree; nnU-Net with -npp/-nps {workers}. decathlete net {ours_net}; nnU-Net net "
             f"{their_net}")
-    records = []
+    records, reference = [], f"nnUNetv2_predict -device {nnunet_device(device)}"
     for metric, name, unit in (("peak_rss", "memory_large_volume_peak_rss", "MB"),
                                ("wall_s", "memory_large_volume_seconds", "s")):
         value = {side: _summary(side_runs, metric) for side, side_runs in runs.items()}
         text = note + "".join(f"; {side} failed: {err[-600:]}" for side, (_, err) in value.items() if err)
-        records.append(Record(name, unit, value["decathlete"][0], value["reference"][0], REFERENCE, "lower",
+        records.append(Record(name, unit, value["decathlete"][0], value["reference"][0], reference, "lower",
                               {"runs": runs, "shape_zyx": shape, "decathlete_network": ours_net,
                                "nnunet_network": their_net}, text, repeats=repeats))
     return records

@@ -41,19 +41,20 @@ from bench_train import (
     _run_json,
     _summary,
 )
-from common import BENCH_VENV, SHARED_DATA, Record, alternate
+from common import BENCH_VENV, SHARED_DATA, Record, alternate, nnunet_device
 from peak_rss import measure
 
 HERE = Path(__file__).resolve().parent
 CASES = {False: 20, True: 5}
-SIDES = {"reference": "nnUNetv2_predict -device cpu", "monai": "MONAI sliding_window_inference (gaussian, 0.5)"}
+SIDES = {"reference": "nnUNetv2_predict -device {}", "monai": "MONAI sliding_window_inference (gaussian, 0.5)"}
 
 
 def run(args: Any) -> list[Record]:
     src = SHARED_DATA / DATASET
     names = [f"predict_{what}_{tta}" for tta in ("tta", "no_tta") for what in ("seconds_per_case", "peak_rss")]
     if not src.is_dir():
-        return [Record(n, "", None, None, SIDES["reference"], "lower", note=f"{src} is absent") for n in names]
+        reference = SIDES["reference"].format(nnunet_device(args.device))
+        return [Record(n, "", None, None, reference, "lower", note=f"{src} is absent") for n in names]
     tmp = Path(tempfile.mkdtemp(prefix="decathlete-bench-predict-"))
     installed: list[Path] = []
     try:
@@ -70,7 +71,7 @@ def _prepare(args: Any, src: Path, tmp: Path, installed: list[Path]) -> tuple[li
     _check([str(OUR_CLI), "plan", str(src), "-o", str(work), "-j", workers, "-c", "3d_fullres"])
     _check([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", workers])
     _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1",
-            "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", "cpu"])
+            "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", args.device])
     cases = json.loads((work / "splits.json").read_text())[0]["val"][:CASES[bool(args.quick)]]
     for folder, name in ((tmp / "images", "{}.nii.gz"), (tmp / "images_nnunet", "{}_0000.nii.gz")):
         folder.mkdir()
@@ -93,7 +94,8 @@ def _prepare(args: Any, src: Path, tmp: Path, installed: list[Path]) -> tuple[li
         installed.append(target)
         shutil.copyfile(TRAINER_SOURCE, target)
         _check([str(nn_bin / "nnUNetv2_train"), str(NNUNET_ID), "3d_fullres", "0", "-tr", TRAINER_NAME, "-device",
-                "cpu"], {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
+                nnunet_device(args.device)],
+               {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
     except (RuntimeError, OSError) as exc:
         problem = f"nnU-Net setup failed: {str(exc)[-1200:]}"
     return cases, env, problem
@@ -113,17 +115,18 @@ def _timed(cmd: list[str], env: dict[str, str], out: Path, n: int) -> dict[str, 
 
 def _run(args: Any, src: Path, tmp: Path, installed: list[Path]) -> list[Record]:
     cases, env, problem = _prepare(args, src, tmp, installed)
-    n, workers, nn_bin = len(cases), str(args.workers), BENCH_VENV / "bin"
-    records = []
+    n, workers, nn_bin, device = len(cases), str(args.workers), BENCH_VENV / "bin", args.device
+    records, reference = [], {side: name.format(nnunet_device(device)) for side, name in SIDES.items()}
     for tta in (True, False):
         tag = "tta" if tta else "no_tta"
         ours = [str(OUR_CLI), "predict", "-i", str(tmp / "images"), "-o", str(tmp / "out_ours"), "-m",
-                str(tmp / "decathlete"), "-f", "0", "--device", "cpu"] + ([] if tta else ["--no-tta"])
+                str(tmp / "decathlete"), "-f", "0", "--device", device] + ([] if tta else ["--no-tta"])
         theirs = [str(nn_bin / "nnUNetv2_predict"), "-i", str(tmp / "images_nnunet"), "-o", str(tmp / "out_nnunet"),
-                  "-d", str(NNUNET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER_NAME, "-device", "cpu",
-                  "-npp", workers, "-nps", workers] + ([] if tta else ["--disable_tta"])
+                  "-d", str(NNUNET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER_NAME, "-device",
+                  nnunet_device(device), "-npp", workers, "-nps", workers] + ([] if tta else ["--disable_tta"])
         monai = [str(nn_bin / "python"), str(HERE / "_predict_monai.py"), "--images", str(tmp / "images"), "--out",
-                 str(tmp / "out_monai"), "--arch", str(tmp / "arch.json")] + (["--tta"] if tta else [])
+                 str(tmp / "out_monai"), "--arch", str(tmp / "arch.json"), "--device", device]
+        monai += ["--tta"] if tta else []
         sides = {"decathlete": _guarded(lambda c=ours: _timed(c, _our_env(), tmp / "out_ours", n))}
         if not problem:
             sides["reference"] = _guarded(lambda c=theirs: _timed(c, env, tmp / "out_nnunet", n))
@@ -137,13 +140,13 @@ def _run(args: Any, src: Path, tmp: Path, installed: list[Path]) -> list[Record]
             for ref in ("reference", "monai"):
                 name = f"predict_{metric}_{tag}" + ("" if ref == "reference" else "_vs_monai")
                 note = (f"{n} held-out cases of {DATASET} (fold-0 validation), 3d_fullres plan (5.6 M parameters, "
-                        f"patch 40x56x40), CPU, {'with' if tta else 'without'} mirroring TTA (8 mirrorings); whole "
-                        "command from raw NIfTI to written label maps, process start and model loading included; "
+                        f"patch 40x56x40), {device}, {'with' if tta else 'without'} mirroring TTA (8 mirrorings); "
+                        "whole command from raw NIfTI to written label maps, process start and model loading included; "
                         f"memory = peak RSS summed over the process tree. nnU-Net with -npp/-nps {workers}. "
                         "MONAI script: no resampling/cropping, sw_batch_size 1")
                 for side, (_, error) in value.items():
                     if error and side in ("decathlete", ref):
                         note += f"; {side} failed: {error[-600:]}"
-                records.append(Record(name, unit, value["decathlete"][0], value[ref][0], SIDES[ref], "lower",
+                records.append(Record(name, unit, value["decathlete"][0], value[ref][0], reference[ref], "lower",
                                       {"runs": {s: runs[s] for s in ("decathlete", ref)}, "cases": cases}, note))
     return records

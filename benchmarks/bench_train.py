@@ -47,7 +47,7 @@ from typing import Any
 
 from bench_augment import _our_env, _ref_env
 from bench_preprocess import DATASET, NNUNET_ID, QUICK_CASES, _check, subset_dataset
-from common import BENCH_VENV, REPO, SHARED_DATA, Record, alternate, median_of
+from common import BENCH_VENV, REPO, SHARED_DATA, Record, alternate, median_of, nnunet_device
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_SCRIPT = HERE / "_train_reference.py"
@@ -62,7 +62,7 @@ LOOP_ITERATIONS = {False: 10, True: 3}
 LOOP_VAL_ITERATIONS = 2
 STEP_NAME, LOOP_NAME = "train_step_iterations_per_second", "train_loop_iterations_per_second"
 STEP_REFERENCE = "dynamic_network_architectures PlainConvUNet (nnU-Net v2)"
-LOOP_REFERENCE = "nnUNetv2_train -device cpu"
+LOOP_REFERENCE = "nnUNetv2_train -device {}"
 
 
 # --- decathlete's side (runs in .venv as a subprocess) --------------------------------------------------------------
@@ -100,7 +100,8 @@ def _step_worker(args: argparse.Namespace) -> dict[str, Any]:
     plans = Plans.load(args.plans)
     torch.manual_seed(args.seed)
     net = build_network(plans.configuration(CONFIGURATION), plans)
-    out = step_loop(net, json.loads(args.arch.read_text()), args.warmup, args.iterations, args.threads, args.seed)
+    out = step_loop(net, json.loads(args.arch.read_text()), args.warmup, args.iterations, args.threads, args.seed,
+                    args.device)
     out["network"] = f"decathlete {type(net).__name__}"
     return out
 
@@ -125,7 +126,7 @@ def _loop_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     trainer._validate = timed_validate
     rc = main(["train", str(args.work), "-c", CONFIGURATION, "-f", "0", "--epochs", "1", "--iterations-per-epoch",
-               str(args.iterations), "--val-iterations", str(args.val_iterations), "--device", "cpu"])
+               str(args.iterations), "--val-iterations", str(args.val_iterations), "--device", args.device])
     if rc != 0:
         raise SystemExit(rc)
     final = next((args.work / "models" / CONFIGURATION).glob("*/fold_0/checkpoint_final.pth"))
@@ -152,6 +153,7 @@ def worker_main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     out = _step_worker(args) if args.step_worker else _loop_worker(args)
     print(json.dumps(out))
@@ -219,7 +221,7 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     arch = _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--write-arch",
                       str(arch_path)], _our_env())
     n, threads = STEP_ITERATIONS[bool(args.quick)], os.cpu_count() or 1
-    timing = ["--warmup", str(STEP_WARMUP), "--iterations", str(n), "--threads", str(threads)]
+    timing = ["--warmup", str(STEP_WARMUP), "--iterations", str(n), "--threads", str(threads), "--device", args.device]
     ours = _guarded(lambda: _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--arch",
                                        str(arch_path), *timing], _our_env()))
     theirs = _guarded(lambda: _run_json([str(BENCH_VENV / "bin" / "python"), str(REFERENCE_SCRIPT), "--json",
@@ -235,12 +237,12 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     shape = f"batch {arch['batch_size']}, patch {'x'.join(map(str, arch['patch_size']))}"
     note = (f"decathlete's 3d_fullres plan of all of {DATASET} ({shape}, {len(arch['features_per_stage'])} stages, "
             f"features {arch['features_per_stage']}); {STEP_WARMUP} warm-up + {n} timed steps per run, {threads} "
-            f"torch threads per side (the machine's CPU count), CPU, fp32. Step: zero_grad + forward + sum of CE over "
-            f"the {len(arch['features_per_stage']) - 1} deep-supervision outputs (random labels, strided downsampling)"
-            " + backward + SGD(0.01, momentum 0.99, Nesterov, wd 3e-5) step, the same code on both sides; random "
-            "input. decathlete DynamicUNet (convs without bias before InstanceNorm) vs PlainConvUNet with nnU-Net's "
-            f"plan kwargs (conv_bias=True): {params.get('decathlete')} vs {params.get('reference')} parameters. No "
-            "data loading, augmentation, Dice term, gradient clipping")
+            f"torch threads per side (the machine's CPU count), {args.device}, fp32. Step: zero_grad + forward + sum "
+            f"of CE over the {len(arch['features_per_stage']) - 1} deep-supervision outputs (random labels, strided "
+            "downsampling) + backward + SGD(0.01, momentum 0.99, Nesterov, wd 3e-5) step, the same code on both "
+            "sides; random input. decathlete DynamicUNet (convs without bias before InstanceNorm) vs PlainConvUNet "
+            f"with nnU-Net's plan kwargs (conv_bias=True): {params.get('decathlete')} vs {params.get('reference')} "
+            "parameters. No data loading, augmentation, Dice term, gradient clipping")
     if not plain:
         note += f"; WARNING: decathlete's plan is not a plain 2-conv U-Net ({net})"
     for side, (_, error) in value.items():
@@ -276,7 +278,8 @@ def _remove_trainer(path: Path) -> None:
 def run_loop(args: Any) -> list[Record]:
     src = SHARED_DATA / DATASET
     if not src.is_dir():
-        return [Record(LOOP_NAME, "iterations/s", None, None, LOOP_REFERENCE, "higher", note=f"{src} is absent")]
+        return [Record(LOOP_NAME, "iterations/s", None, None, LOOP_REFERENCE.format(nnunet_device(args.device)),
+                       "higher", note=f"{src} is absent")]
     tmp = Path(tempfile.mkdtemp(prefix="decathlete-bench-train-loop-"))
     installed: list[Path] = []
     try:
@@ -321,7 +324,7 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
     def ours() -> dict[str, Any]:
         shutil.rmtree(work / "models", ignore_errors=True)
         r = _run_json([str(OUR_PYTHON), __file__, "--loop-worker", "--work", str(work), "--iterations", str(n),
-                       "--val-iterations", str(v)], _our_env())
+                       "--val-iterations", str(v), "--device", args.device], _our_env())
         return {**r, "iterations_per_second": n / r["train_seconds"],
                 "epoch_iterations_per_second": (n + v) / r["epoch_seconds"]}
 
@@ -329,7 +332,7 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
         results = tmp / "nnunet_results"
         shutil.rmtree(results, ignore_errors=True)
         cmd = [str(BENCH_VENV / "bin" / "nnUNetv2_train"), str(NNUNET_ID), CONFIGURATION, "0", "-tr", TRAINER_NAME,
-               "-device", "cpu"]
+               "-device", nnunet_device(args.device)]
         proc = subprocess.run(cmd, env={**env, "DECATHLETE_BENCH_ITERATIONS": str(n),
                                         "DECATHLETE_BENCH_VAL_ITERATIONS": str(v)}, capture_output=True, text=True)
         found = list(results.glob(f"*/{TRAINER_NAME}__*/fold_0/bench_timing.json"))
@@ -352,8 +355,8 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
     batch = {side: first(side, "batch_size") for side in runs}
     threads = {side: first(side, "torch_threads") for side in runs}
     note = (f"{n_cases} cases of {DATASET} ({f'first {QUICK_CASES}, ' if args.quick else ''}fold 0), 3d_fullres, "
-            f"batch {batch['decathlete']} (nnU-Net {batch['reference']}), CPU; one epoch of {n} training + {v} "
-            f"validation iterations; figure = {n} / training part of the epoch (nnU-Net: epoch start to validation "
+            f"batch {batch['decathlete']} (nnU-Net {batch['reference']}), {args.device}; one epoch of {n} training + "
+            f"{v} validation iterations; figure = {n} / training part of the epoch (nnU-Net: epoch start to validation "
             "start; decathlete: epoch_seconds minus its validation). torch threads: decathlete "
             f"{threads['decathlete']}, nnU-Net {threads['reference']}; data: decathlete in-process (its CPU default, 0 "
             f"loader workers), nnU-Net nnUNet_n_proc_DA={workers} augmentation processes (+1 for validation) "
@@ -372,8 +375,8 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
                "per_run_iterations_per_second": {side: [r.get("iterations_per_second") for r in side_runs]
                                                  for side, side_runs in runs.items()},
                "runs": runs}
-    return Record(LOOP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0], LOOP_REFERENCE,
-                  "higher", details, note)
+    return Record(LOOP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0],
+                  LOOP_REFERENCE.format(nnunet_device(args.device)), "higher", details, note)
 
 
 if __name__ == "__main__":

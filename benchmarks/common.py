@@ -46,11 +46,35 @@ class Record:
         return {**asdict(self), "ratio": None if self.ratio is None else round(self.ratio, 4)}
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on (with ``device="cuda"`` also the GPU, as torch names it)."""
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "memory_gb": round(mem_gb, 1), "python": platform.python_version(), "system": platform.platform()}
+    out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1),
+           "python": platform.python_version(), "system": platform.platform(), "device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else "unavailable"
+    return out
+
+
+def check_device(device: str) -> str:
+    """``cpu`` or ``cuda[:N]``; refuses cuda when this environment's torch sees no GPU (nothing would be measured)."""
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device {device!r}: choose cpu or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU (install a CUDA build, e.g. "
+                         "make bench TORCH_SPEC=... TORCH_INDEX=https://download.pytorch.org/whl/cu128)")
+    return device
+
+
+def nnunet_device(device: str) -> str:
+    """nnU-Net's ``-device`` value (it takes ``cuda``, not ``cuda:N``; the GPU is chosen by CUDA_VISIBLE_DEVICES)."""
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def git_commit() -> str:

@@ -1,6 +1,9 @@
 """``make bench``: run the side-by-side benchmarks and write ``benchmarks/results/latest.{json,md}``.
 
-    python benchmarks/run.py [--only preprocess] [--quick] [--repeats 3] [--workers 2]
+    python benchmarks/run.py [--only preprocess] [--quick] [--repeats 3] [--workers 2] [--device cuda]
+
+``--device cuda`` runs training and prediction of both sides on the GPU and writes to ``benchmarks/results/gpu/``
+(preprocessing and augmentation run on the CPU in both systems, whatever the device).
 
 Reference systems (nnU-Net v2 ...) run from the separate environment ``.venv-bench`` that ``make bench`` creates;
 they are never dependencies of the package.
@@ -21,7 +24,7 @@ import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
-from common import REPO, git_commit, machine, now  # noqa: E402
+from common import REPO, check_device, git_commit, machine, now  # noqa: E402
 
 BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run,
               "predict": bench_predict.run, "accuracy_at_budget": bench_accuracy.run,
@@ -39,7 +42,7 @@ def _runs(repeats: int) -> str:
 def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> None:
     """Merge this run's records into latest.json (a record of another benchmark keeps its own date and commit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = {"machine": machine(), "date": now(), "git_commit": git_commit(), "quick": args.quick,
+    stamp = {"machine": machine(args.device), "date": now(), "git_commit": git_commit(), "quick": args.quick,
              "repeats": args.repeats, "workers": args.workers}
     path = out_dir / "latest.json"
     kept = json.loads(path.read_text()).get("records", []) if path.is_file() else []
@@ -49,7 +52,8 @@ def write_results(records: list, out_dir: Path, args: argparse.Namespace) -> Non
     names = {r["name"] for r in fresh}
     merged = [r for r in kept if r["name"] not in names and "date" in r] + fresh
     path.write_text(json.dumps({"machine": stamp["machine"], "records": merged}, indent=2))
-    lines = [f"# Benchmarks ({stamp['machine']['cores']} cores, {stamp['machine']['cpu']})", "",
+    where = stamp["machine"].get("gpu", f"{stamp['machine']['cores']} cores, {stamp['machine']['cpu']}")
+    lines = [f"# Benchmarks ({where}, --device {args.device})", "",
              "| benchmark | unit | decathlete | reference | reference system | ratio | better | date | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
@@ -66,10 +70,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases, for a run of a few minutes")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per side (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, the same for both sides")
-    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where training and prediction run")
+    parser.add_argument("--out-dir", type=Path, help="default benchmarks/results, or benchmarks/results/gpu with cuda")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="MIN",
                         help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 2)")
     args = parser.parse_args()
+    try:
+        args.device = check_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.out_dir is None:
+        args.out_dir = REPO / "benchmarks" / "results" / ("gpu" if args.device != "cpu" else "")
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
