@@ -11,8 +11,9 @@ Setup (all generated in a temporary folder, nothing from ../shared): four small 
 ``train`` for one iteration give a 14-class model (its weights do not matter for memory); the test volume is a
 synthetic CT-like int16 image of 600x512x512 voxels (z, y, x) at 1.0x0.8x0.8 mm, so prediction resamples it to the
 model's 2.5x1.6x1.6 mm and the 14 probability maps back. The figure is the peak RSS summed over the ``decathlete
-predict --no-tta --device cpu`` process tree (``peak_rss.measure``), one run. The nnU-Net side of this measurement
-(``memory_large_volume`` in ``make bench``) is not implemented yet.
+predict --no-tta --device cpu`` process tree (``peak_rss.measure``), one run. A stress test of the resampling path
+with many classes, decathlete alone; the side-by-side comparison with nnU-Net is ``memory_large_volume`` in
+``make bench`` (``bench_memory.py``: 6 classes, no resampling, both systems' own plans).
 """
 
 from __future__ import annotations
