@@ -365,3 +365,17 @@ def test_discover_cases(tmp_path: Path) -> None:
     (tmp_path / "a_0000.nrrd").touch()
     with pytest.raises(ValueError, match="two images for case 'a_0000'"):
         discover_cases(tmp_path, 1)
+
+
+def test_whole_volume_is_the_default_and_the_cli_can_switch_it_off() -> None:
+    import inspect
+
+    from decathlete.cli import build_parser
+    from decathlete.crossval import cross_validate
+
+    assert inspect.signature(Predictor).parameters["whole_volume"].default is True
+    assert inspect.signature(cross_validate).parameters["whole_volume"].default is True
+    parser = build_parser()
+    for verb in (["predict", "-i", "a", "-o", "b", "-m", "w"], ["crossval", "w"]):
+        assert parser.parse_args(verb).no_whole_volume is False
+        assert parser.parse_args([*verb, "--no-whole-volume"]).no_whole_volume is True

@@ -122,6 +122,8 @@ def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_hel
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--recipe", help="recipe folder to use when several were trained")
     p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
+    p.add_argument("--no-whole-volume", action="store_true",
+                   help="always tile (nnU-Net's way), even an image only a little larger than the patch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
 
@@ -155,7 +157,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_folder(args.input, args.output, args.model, args.configuration, folds,
                              overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                              checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
-                             recipe=args.recipe, postprocess=not args.no_postprocessing)
+                             recipe=args.recipe, postprocess=not args.no_postprocessing,
+                             whole_volume=not args.no_whole_volume)
     summary.pop("outputs", None)
     print(json.dumps(summary, default=str))
     return 0
@@ -180,7 +183,8 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 
     folds = _folds(args)
     result = cross_validate(args.workdir, args.configuration, folds, recipe=args.recipe, checkpoint=args.checkpoint,
-                            device=args.device, tta=not args.no_tta, workers=args.workers, overwrite=args.overwrite)
+                            device=args.device, tta=not args.no_tta, workers=args.workers, overwrite=args.overwrite,
+                            whole_volume=not args.no_whole_volume)
     for name, values in result["mean"].items():
         print(f"{name:>16s}  Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
     pp = result["postprocessing"]

@@ -30,8 +30,8 @@ from decathlete.train.trainer import fold_split
 
 def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
                    recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool = True,
-                   step: float = 0.5, workers: int = 1, overwrite: bool = False, progress: bool = True
-                   ) -> dict[str, Any]:
+                   step: float = 0.5, workers: int = 1, overwrite: bool = False, progress: bool = True,
+                   whole_volume: bool = True) -> dict[str, Any]:
     """Predict, score and choose postprocessing (module docstring); returns the key figures.
 
     Returns:
@@ -50,7 +50,7 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         val_ids = fold_split(workdir, plans, fold)["val"]
         out = fold_dir / "validation"
         predictor = Predictor(workdir, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
-                              step=step, recipe=root.name, postprocess=False)
+                              step=step, recipe=root.name, postprocess=False, whole_volume=whole_volume)
         done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                        progress=progress)
         fold_pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]

@@ -169,14 +169,15 @@ class Predictor:
         batch_tiles: tiles per forward pass (None: automatic).
         postprocess: apply the model's ``postprocessing.json`` (written by ``decathlete crossval``) when there is one.
         whole_volume: run images a little larger than the patch as one forward pass when that computes fewer voxels
-            than the overlapping tiles (see `decathlete.infer.sliding_window.whole_volume_patch`).
+            than the overlapping tiles (see `decathlete.infer.sliding_window.whole_volume_patch`); False: always
+            tile, as nnU-Net does.
     """
 
     def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
                  checkpoint: str = FINAL, device: str = "auto", tta: bool = True, step: float = 0.5,
                  recipe: str | None = None, *, mirror_axes: Sequence[int] | None = None,
                  batch_tiles: int | None = None, postprocess: bool = True,
-                 whole_volume: bool = False) -> None:  # fmt: skip
+                 whole_volume: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config = self.plans.configuration(configuration)
