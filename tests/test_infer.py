@@ -275,6 +275,18 @@ def test_fold_ensemble_averages_probabilities_and_no_tta_runs_once(workdir: Path
     assert label2d.shape == label.shape
 
 
+def test_channels_last_3d_network_gives_the_contiguous_networks_probabilities(workdir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "obl.nii.gz"
+    _write_oblique_nifti(path)
+    predictor = Predictor(workdir, device="cpu")
+    conv = next(m for m in predictor.networks[0].modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)  # the CPU speed-up is on
+    data = preprocess_case(path, None, predictor.preprocessing).data
+    fast = predictor.predict_probabilities(data)
+    predictor.networks = [net.to(memory_format=torch.contiguous_format) for net in predictor.networks]
+    np.testing.assert_allclose(fast, predictor.predict_probabilities(data), atol=1e-5)
+
+
 def test_channel_files_probabilities_and_resume(workdir: Path, tmp_path: Path) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
