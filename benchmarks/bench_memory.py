@@ -9,7 +9,7 @@ sides (nnU-Net: ``features_per_stage`` of its ``nnUNetPlans.json`` scaled by 1/8
 arithmetic, then one training iteration (weights do not matter for memory). Prediction: the whole command from the
 NIfTI file to the written label map, CPU, no TTA, peak RSS summed over the process tree (``peak_rss.measure``),
 nnU-Net with ``-npp/-nps --workers`` (its preprocessing and export processes). Sides alternate, median of
-``--repeats``; ``--quick`` predicts a 120x256x256 volume once.
+``--repeats``; ``--quick`` plans on 24x96x96 cases and predicts a 48x160x160 volume once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from peak_rss import measure
 HERE = Path(__file__).resolve().parent
 NNUNET_ID = 99
 RAW = "Task99_SyntheticCT"
-TEST_SHAPE = {False: (300, 512, 512), True: (120, 256, 256)}
+TEST_SHAPE = {False: (300, 512, 512), True: (48, 160, 160)}
+TRAIN_SHAPE = {False: (40, 192, 192), True: (24, 96, 96)}
 BASE_FEATURES = 4
 
 _NARROW_OURS = """
@@ -112,8 +113,10 @@ def _timed(cmd: list[str], env: dict[str, str], out: Path, name: str) -> dict[st
 
 def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
     shape, workers = TEST_SHAPE[bool(args.quick)], str(args.workers)
+    train_shape = TRAIN_SHAPE[bool(args.quick)]
     repeats = 1 if args.quick else args.repeats
-    _check([str(OUR_PYTHON), str(HERE / "_synthetic_ct.py"), str(tmp), "--test-shape", *map(str, shape)],
+    _check([str(OUR_PYTHON), str(HERE / "_synthetic_ct.py"), str(tmp), "--test-shape", *map(str, shape),
+            "--train-shape", *map(str, train_shape)],
            _our_env())
     (tmp / "test_nnunet").mkdir()
     (tmp / "test_nnunet" / "ct_0000.nii.gz").symlink_to(tmp / "test" / "ct.nii.gz")
@@ -137,10 +140,10 @@ def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
     voxels = shape[0] * shape[1] * shape[2]
     note = (f"synthetic CT {'x'.join(map(str, shape))} voxels (z, y, x) at 2.5x0.8x0.8 mm, int16, 6 classes "
             f"({voxels * 2 / 1e6:.0f} MB as int16; one float32 6-class stack at this grid {6 * voxels * 4 / 1e6:.0f}"
-            f" MB); both models planned by their own planner on 4 cases 40x192x192 at the same spacing, narrowed to "
-            f"{BASE_FEATURES} base features, one training iteration; {device}, no TTA, whole command, peak RSS summed "
-            f"over the process tree; nnU-Net with -npp/-nps {workers}. decathlete net {ours_net}; nnU-Net net "
-            f"{their_net}")
+            f" MB); both models planned by their own planner on 4 cases {'x'.join(map(str, train_shape))} at the "
+            f"same spacing, narrowed to {BASE_FEATURES} base features, one training iteration; {device}, no TTA, "
+            f"whole command, peak RSS summed over the process tree; nnU-Net with -npp/-nps {workers}. decathlete "
+            f"net {ours_net}; nnU-Net net {their_net}")
     records, reference = [], f"nnUNetv2_predict -device {nnunet_device(device)}"
     for metric, name, unit in (("peak_rss", "memory_large_volume_peak_rss", "MB"),
                                ("wall_s", "memory_large_volume_seconds", "s")):

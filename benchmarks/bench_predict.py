@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_augment import _our_env, _ref_env
-from bench_preprocess import DATASET, NNUNET_ID, _check
+from bench_preprocess import DATASET, NNUNET_ID, QUICK_CASES, _check, subset_dataset
 from bench_train import (
     OUR_CLI,
     OUR_PYTHON,
@@ -45,7 +45,7 @@ from common import BENCH_VENV, SHARED_DATA, Record, alternate, nnunet_device
 from peak_rss import measure
 
 HERE = Path(__file__).resolve().parent
-CASES = {False: 20, True: 5}
+CASES = {False: 20, True: 2}
 SIDES = {"reference": "nnUNetv2_predict -device {}", "monai": "MONAI sliding_window_inference (gaussian, 0.5)"}
 
 
@@ -68,6 +68,7 @@ def run(args: Any) -> list[Record]:
 def _prepare(args: Any, src: Path, tmp: Path, installed: list[Path]) -> tuple[list[str], dict[str, str], str]:
     """Models for decathlete and nnU-Net, the image folders, the architecture file; returns (cases, env, problem)."""
     work, workers = tmp / "decathlete", str(args.workers)
+    src = subset_dataset(src, tmp / DATASET, QUICK_CASES) if args.quick else src  # same network, fewer to prepare
     _check([str(OUR_CLI), "plan", str(src), "-o", str(work), "-j", workers, "-c", "3d_fullres"])
     _check([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", workers])
     _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1",

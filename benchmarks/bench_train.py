@@ -10,7 +10,7 @@ Two measurements, each side in its own subprocess, the sides alternating, the me
     its plan (``build_network``) vs ``dynamic_network_architectures``' ``PlainConvUNet`` with the keyword arguments of
     nnU-Net v2's plans, given the same stages, widths, kernel sizes and strides (``_train_reference.build_reference``).
     The plan is decathlete's for all 200 training cases (batch 7, patch 40x56x40, 4 stages, 32..256 features: what
-    nnU-Net v2 plans too). Two warm-up steps, then 5 timed steps (2 with ``--quick``); torch threads = CPU count on
+    nnU-Net v2 plans too). Two warm-up steps, then 5 timed steps (1 + 1 with ``--quick``); torch threads = CPU count on
     both sides. Not included: data loading, augmentation, Dice loss, gradient clipping, mixed precision.
 
 ``train_loop_iterations_per_second``: the whole training loop, data loading and augmentation included.
@@ -28,7 +28,7 @@ Two measurements, each side in its own subprocess, the sides alternating, the me
     Both systems plan and preprocess beforehand (untimed): ``decathlete plan`` + ``decathlete preprocess`` and
     ``nnUNetv2_convert_MSD_dataset`` + ``nnUNetv2_plan_and_preprocess -c 3d_fullres``; ``--quick`` uses the first 40
     cases, for which both planners cut the batch to 2 (the 5 % dataset-coverage cap), else all 200 (batch 7).
-    N = 10 (3 with ``--quick``), V = 2.
+    N = 10 (2 with ``--quick``), V = 2.
 
 Run as a script (``--step-worker`` / ``--loop-worker``) it is decathlete's side of one measurement.
 """
@@ -56,9 +56,9 @@ TRAINER_NAME = "nnUNetTrainer_decathleteBench"
 OUR_PYTHON = REPO / ".venv" / "bin" / "python"
 OUR_CLI = REPO / ".venv" / "bin" / "decathlete"
 CONFIGURATION = "3d_fullres"
-STEP_WARMUP = 2
-STEP_ITERATIONS = {False: 5, True: 2}  # by --quick
-LOOP_ITERATIONS = {False: 10, True: 3}
+STEP_WARMUP = {False: 2, True: 1}  # by --quick
+STEP_ITERATIONS = {False: 5, True: 1}
+LOOP_ITERATIONS = {False: 10, True: 2}
 LOOP_VAL_ITERATIONS = 2
 STEP_NAME, LOOP_NAME = "train_step_iterations_per_second", "train_loop_iterations_per_second"
 STEP_REFERENCE = "dynamic_network_architectures PlainConvUNet (nnU-Net v2)"
@@ -147,7 +147,7 @@ def worker_main() -> None:
     parser.add_argument("--plans", type=Path)
     parser.add_argument("--write-arch", type=Path)
     parser.add_argument("--arch", type=Path)
-    parser.add_argument("--warmup", type=int, default=STEP_WARMUP)
+    parser.add_argument("--warmup", type=int, default=STEP_WARMUP[False])
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--val-iterations", type=int, default=LOOP_VAL_ITERATIONS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -220,8 +220,8 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     plans, arch_path = work / "plans.json", tmp / "arch.json"
     arch = _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--write-arch",
                       str(arch_path)], _our_env())
-    n, threads = STEP_ITERATIONS[bool(args.quick)], os.cpu_count() or 1
-    timing = ["--warmup", str(STEP_WARMUP), "--iterations", str(n), "--threads", str(threads), "--device", args.device]
+    n, warmup, threads = STEP_ITERATIONS[bool(args.quick)], STEP_WARMUP[bool(args.quick)], os.cpu_count() or 1
+    timing = ["--warmup", str(warmup), "--iterations", str(n), "--threads", str(threads), "--device", args.device]
     ours = _guarded(lambda: _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--arch",
                                        str(arch_path), *timing], _our_env()))
     theirs = _guarded(lambda: _run_json([str(BENCH_VENV / "bin" / "python"), str(REFERENCE_SCRIPT), "--json",
@@ -236,7 +236,7 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     plain = (net["block"], net["n_blocks_per_stage"], net["n_conv_per_stage_decoder"]) == ("plain", 2, 2)
     shape = f"batch {arch['batch_size']}, patch {'x'.join(map(str, arch['patch_size']))}"
     note = (f"decathlete's 3d_fullres plan of all of {DATASET} ({shape}, {len(arch['features_per_stage'])} stages, "
-            f"features {arch['features_per_stage']}); {STEP_WARMUP} warm-up + {n} timed steps per run, {threads} "
+            f"features {arch['features_per_stage']}); {warmup} warm-up + {n} timed steps per run, {threads} "
             f"torch threads per side (the machine's CPU count), {args.device}, fp32. Step: zero_grad + forward + sum "
             f"of CE over the {len(arch['features_per_stage']) - 1} deep-supervision outputs (random labels, strided "
             "downsampling) + backward + SGD(0.01, momentum 0.99, Nesterov, wd 3e-5) step, the same code on both "
@@ -248,7 +248,7 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     for side, (_, error) in value.items():
         if error:
             note += f"; {side} failed: {error[-600:]}"
-    details = {"architecture": arch, "threads": threads, "warmup": STEP_WARMUP, "timed_iterations": n,
+    details = {"architecture": arch, "threads": threads, "warmup": warmup, "timed_iterations": n,
                "repeats": args.repeats, "parameters": params,
                "per_run_iterations_per_second": {side: [r.get("iterations_per_second") for r in side_runs]
                                                  for side, side_runs in runs.items()},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,17 +69,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="fewer cases, for a run of a few minutes")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per side (median reported)")
+    parser.add_argument("--repeats", type=int, help="alternating repeats per side, median reported (default 3; "
+                        "--quick: 1)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, the same for both sides")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where training and prediction run")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results, or benchmarks/results/gpu with cuda")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="MIN",
-                        help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 2)")
+                        help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 0.5)")
     args = parser.parse_args()
     try:
         args.device = check_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     if args.out_dir is None:
         args.out_dir = REPO / "benchmarks" / "results" / ("gpu" if args.device != "cpu" else "")
     names = args.only.split(",") if args.only else list(BENCHMARKS)
@@ -88,7 +92,9 @@ def main() -> None:
     records = []
     for name in names:
         print(f"== {name}", flush=True)
+        start = time.perf_counter()
         records += BENCHMARKS[name](args)
+        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
     write_results(records, args.out_dir, args)
     print((args.out_dir / "latest.md").read_text())
 
