@@ -61,7 +61,7 @@ def run(args: Any) -> list[Record]:
 
 
 def _run(args: Any, src: Path, tmp: Path, budgets: list[float], installed: list[Path]) -> list[Record]:
-    data = subset_dataset(src, tmp / DATASET, QUICK_CASES) if args.quick else src
+    data = subset_dataset(src, tmp / DATASET, QUICK_CASES // 2) if args.quick else src
     ids = sorted(Path(e["label"]).name.removesuffix(".nii.gz")
                  for e in json.loads((data / "dataset.json").read_text())["training"])
     splits = _splits(ids)

@@ -42,7 +42,7 @@ OUR_PYTHON = REPO / ".venv" / "bin" / "python"
 DATA_SEED = 20240
 # name: (patch size, batch size, timed batches, timed batches with --quick or None to skip it then)
 CONFIGS: dict[str, tuple[tuple[int, ...], int, int, int | None]] = {
-    "hippocampus": ((40, 56, 40), 7, 40, 12),  # nnU-Net v2's 3d_fullres plan for Task04_Hippocampus
+    "hippocampus": ((40, 56, 40), 7, 40, 6),  # nnU-Net v2's 3d_fullres plan for Task04_Hippocampus
     "ct": ((128, 128, 128), 2, 16, None),  # a typical CT 3d_fullres plan
 }
 

@@ -68,7 +68,7 @@ def run(args: Any) -> list[Record]:
 
 
 def _run(args: Any, src: Path, tmp: Path) -> list[Record]:
-    data = subset_dataset(src, tmp / DATASET, QUICK_CASES) if args.quick else src
+    data = subset_dataset(src, tmp / DATASET, QUICK_CASES // 2) if args.quick else src
     n_cases = len(json.loads((data / "dataset.json").read_text())["training"])
     workers = str(args.workers)
     decathlete = str(REPO / ".venv" / "bin" / "decathlete")

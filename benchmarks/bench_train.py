@@ -216,7 +216,8 @@ def run_step(args: Any) -> list[Record]:
 
 def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     work = tmp / "decathlete"
-    _check([str(OUR_CLI), "plan", str(src), "-o", str(work), "-j", str(args.workers)])
+    data = subset_dataset(src, tmp / DATASET, QUICK_CASES) if args.quick else src  # --quick: batch 2, same network
+    _check([str(OUR_CLI), "plan", str(data), "-o", str(work), "-j", str(args.workers)])
     plans, arch_path = work / "plans.json", tmp / "arch.json"
     arch = _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--write-arch",
                       str(arch_path)], _our_env())
@@ -235,7 +236,8 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     net = arch["decathlete_network"]
     plain = (net["block"], net["n_blocks_per_stage"], net["n_conv_per_stage_decoder"]) == ("plain", 2, 2)
     shape = f"batch {arch['batch_size']}, patch {'x'.join(map(str, arch['patch_size']))}"
-    note = (f"decathlete's 3d_fullres plan of all of {DATASET} ({shape}, {len(arch['features_per_stage'])} stages, "
+    cases = f"the first {QUICK_CASES} cases" if args.quick else "all"
+    note = (f"decathlete's 3d_fullres plan of {cases} of {DATASET} ({shape}, {len(arch['features_per_stage'])} stages, "
             f"features {arch['features_per_stage']}); {warmup} warm-up + {n} timed steps per run, {threads} "
             f"torch threads per side (the machine's CPU count), {args.device}, fp32. Step: zero_grad + forward + sum "
             f"of CE over the {len(arch['features_per_stage']) - 1} deep-supervision outputs (random labels, strided "
