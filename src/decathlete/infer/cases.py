@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from decathlete.io.datasets import strip_image_suffix
 from decathlete.io.images import SUPPORTED_SUFFIXES
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_0000.nii.gz, <case>_0001 ...
@@ -30,8 +31,8 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
 
 def _split_suffix(path: Path) -> tuple[str, str] | None:
     """(case id, ending as written) of a supported image file name, else None."""
-    suffix = next((s for s in SUPPORTED_SUFFIXES if path.name.lower().endswith(s)), None)
-    return None if suffix is None else (path.name[: -len(suffix)], path.name[-len(suffix) :])
+    stem, suffix = strip_image_suffix(path.name)
+    return (stem, suffix) if suffix.lower() in SUPPORTED_SUFFIXES else None
 
 
 def output_ending(image: Path) -> str:

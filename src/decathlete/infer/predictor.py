@@ -49,7 +49,7 @@ from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
 from decathlete.train.checkpoint import FINAL, load_checkpoint
-from decathlete.train.trainer import augmentation_for, build_network, channels_last, num_outputs, resolve_device
+from decathlete.train.trainer import augmentation_for, build_network, memory_format, num_outputs, resolve_device
 
 
 def resolve_fold_dirs(
@@ -211,11 +211,7 @@ class Predictor:
         net.load_state_dict(state["model"])
         if hasattr(net, "deep_supervision"):
             net.deep_supervision = False  # only the full-resolution head is used: skip the others
-        net = net.to(self.device).eval()
-        if channels_last(self.device, self.config.spatial_dims):
-            # Measured on 2 cores (hippocampus, 40 held-out cases, TTA): 0.468 vs 0.567 s/case, identical labels.
-            net = net.to(memory_format=torch.channels_last_3d if self.config.spatial_dims == 3 else torch.channels_last)
-        return net
+        return net.to(self.device, memory_format=memory_format(self.device, self.config.spatial_dims)).eval()
 
     def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         axis = int(self.config.resampling.get("slice_axis", 0))

@@ -96,16 +96,13 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, steps: 
         build_loss,
         build_network,
         build_optimizer,
-        channels_last,
+        memory_format,
     )
 
     torch.manual_seed(seed)
     recipe = get_recipe(plans.recipe)
-    net = build_network(config, plans).to(device)
-    fmt = torch.contiguous_format
-    if channels_last(device, config.spatial_dims):  # as the trainer runs it
-        fmt = torch.channels_last_3d if config.spatial_dims == 3 else torch.channels_last
-        net = net.to(memory_format=fmt)
+    fmt = memory_format(device, config.spatial_dims)  # as the trainer runs it
+    net = build_network(config, plans).to(device, memory_format=fmt)
     loss_fn = build_loss(recipe, config, plans, World()).to(device)
     optimizer = build_optimizer(recipe, net)
     aug, input_size = augmentation_for(config)
