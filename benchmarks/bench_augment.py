@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -34,11 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from common import BENCH_VENV, REPO, Record, alternate, median_of
+from common import BENCH_VENV, OUR_PYTHON, Record, alternate, median_of, our_env, ref_env
 
 REFERENCE_NAME = "batchgeneratorsv2 (nnU-Net v2 default transforms)"
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_augment_reference.py"
-OUR_PYTHON = REPO / ".venv" / "bin" / "python"
 DATA_SEED = 20240
 # name: (patch size, batch size, timed batches, timed batches with --quick or None to skip it then)
 CONFIGS: dict[str, tuple[tuple[int, ...], int, int, int | None]] = {
@@ -187,15 +185,6 @@ def _ref_cmd(*extra: str) -> list[str]:
     return [str(BENCH_VENV / "bin" / "python"), str(REFERENCE_SCRIPT), "--json", *extra]
 
 
-def _our_env() -> dict[str, str]:
-    src = str(REPO / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _ref_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
 def _record_name(name: str) -> str:
     return f"augment_batches_per_second_{name}"
 
@@ -216,14 +205,14 @@ def run(args: Any) -> list[Record]:
 
 def _run_config(args: Any, name: str, patch: tuple[int, ...], batch: int, n: int, tmp: Path) -> Record:
     spatial = [str(p) for p in patch]
-    ours_size = _json_run(_ours_cmd("--input-size", "--patch", *spatial), _our_env())["input_size"]
+    ours_size = _json_run(_ours_cmd("--input-size", "--patch", *spatial), our_env())["input_size"]
     ref_settings: dict[str, Any] | None = None
     ref_problem = ""
     if not (BENCH_VENV / "bin" / "python").exists():
         ref_problem = f"reference environment {BENCH_VENV} is absent (make bench creates it)"
     else:
         try:
-            ref_settings = _json_run(_ref_cmd("--input-size", "--patch", *spatial), _ref_env())
+            ref_settings = _json_run(_ref_cmd("--input-size", "--patch", *spatial), ref_env())
         except (RuntimeError, ValueError) as exc:
             ref_problem = f"reference could not run: {str(exc)[-500:]}"
     ref_size = ref_settings["initial_patch_size"] if ref_settings else ours_size
@@ -235,11 +224,11 @@ def _run_config(args: Any, name: str, patch: tuple[int, ...], batch: int, n: int
     def ours(threads: int = 1, procs: int = 1):
         seeds = iter(range(10_000))  # a new augmentation seed per run: 0, 1, 2... on every side
         return lambda: _json_run(_ours_cmd(*common, "--seed", str(next(seeds)), "--threads", str(threads),
-                                           "--procs", str(procs)), _our_env())
+                                           "--procs", str(procs)), our_env())
 
     def theirs(procs: int = 1):
         seeds = iter(range(10_000))
-        return lambda: _json_run(_ref_cmd(*common, "--seed", str(next(seeds)), "--procs", str(procs)), _ref_env())
+        return lambda: _json_run(_ref_cmd(*common, "--seed", str(next(seeds)), "--procs", str(procs)), ref_env())
 
     sides = {"decathlete": ours(), **({"reference": theirs()} if ref_settings else {}),
              "decathlete_2_threads": ours(threads=2)}

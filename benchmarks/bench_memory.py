@@ -20,20 +20,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_augment import _our_env, _ref_env
-from bench_preprocess import _check
-from bench_train import (
+from _workspace import BENCH_TRAINER as TRAINER_NAME
+from _workspace import BENCH_TRAINER_SOURCE as TRAINER_SOURCE
+from bench_train import _guarded, _summary
+from common import (
+    BENCH_VENV,
     OUR_CLI,
     OUR_PYTHON,
-    TRAINER_NAME,
-    TRAINER_SOURCE,
-    _guarded,
-    _has_reference,
-    _nnunet_trainer_path,
-    _remove_trainer,
-    _summary,
+    Record,
+    alternate,
+    nnunet_device,
+    nnunet_trainer_path,
+    our_env,
+    ref_env,
+    reference_problem,
+    remove_trainer,
+    run_checked,
 )
-from common import BENCH_VENV, Record, alternate, nnunet_device
 from peak_rss import measure
 
 HERE = Path(__file__).resolve().parent
@@ -61,31 +64,31 @@ def run(args: Any) -> list[Record]:
         return _run(args, tmp, installed)
     finally:
         for path in installed:
-            _remove_trainer(path)
+            remove_trainer(path)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ours(tmp: Path, workers: str, device: str) -> dict[str, Any]:
     """Plan, narrow, preprocess and train decathlete for one iteration; returns its network description."""
     work = tmp / "decathlete"
-    _check([str(OUR_CLI), "plan", str(tmp / RAW), "-o", str(work), "-j", workers, "-c", "3d_fullres"])
-    _check([str(OUR_PYTHON), "-c", _NARROW_OURS, str(work / "plans.json"), str(BASE_FEATURES)], _our_env())
-    _check([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", workers])
-    _check([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1",
-            "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", device], _our_env())
+    run_checked([str(OUR_CLI), "plan", str(tmp / RAW), "-o", str(work), "-j", workers, "-c", "3d_fullres"])
+    run_checked([str(OUR_PYTHON), "-c", _NARROW_OURS, str(work / "plans.json"), str(BASE_FEATURES)], our_env())
+    run_checked([str(OUR_CLI), "preprocess", str(work), "-c", "3d_fullres", "-j", workers])
+    run_checked([str(OUR_CLI), "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--val-iterations", "1", "--device", device], our_env())
     config = json.loads((work / "plans.json").read_text())["configurations"]["3d_fullres"]
     return {k: config[k] for k in ("patch_size", "spacing", "features_per_stage", "parameters")}
 
 
 def _theirs(tmp: Path, workers: str, installed: list[Path], device: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Convert, plan, narrow, preprocess and train nnU-Net for one iteration; returns (env, network description)."""
-    env = {**_ref_env(), "nnUNet_raw": str(tmp / "nnunet_raw"), "nnUNet_preprocessed": str(tmp / "nnunet_pre"),
+    env = {**ref_env(), "nnUNet_raw": str(tmp / "nnunet_raw"), "nnUNet_preprocessed": str(tmp / "nnunet_pre"),
            "nnUNet_results": str(tmp / "nnunet_results"), "nnUNet_n_proc_DA": workers}
     nn_bin = BENCH_VENV / "bin"
-    _check([str(nn_bin / "nnUNetv2_convert_MSD_dataset"), "-i", str(tmp / RAW), "-overwrite_id", str(NNUNET_ID),
-            "-np", workers], env)
-    _check([str(nn_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_ID), "-c", "3d_fullres",
-            "-np", workers, "-npfp", workers], env)
+    run_checked([str(nn_bin / "nnUNetv2_convert_MSD_dataset"), "-i", str(tmp / RAW), "-overwrite_id", str(NNUNET_ID),
+                 "-np", workers], env)
+    run_checked([str(nn_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_ID), "-c", "3d_fullres",
+                 "-np", workers, "-npfp", workers], env)
     plans_path = next((tmp / "nnunet_pre").glob(f"Dataset{NNUNET_ID:03d}_*/nnUNetPlans.json"))
     plans = json.loads(plans_path.read_text())
     config = plans["configurations"]["3d_fullres"]
@@ -93,12 +96,13 @@ def _theirs(tmp: Path, workers: str, installed: list[Path], device: str) -> tupl
     scale = BASE_FEATURES / kwargs["features_per_stage"][0]
     kwargs["features_per_stage"] = [max(1, round(f * scale)) for f in kwargs["features_per_stage"]]
     plans_path.write_text(json.dumps(plans, indent=2))
-    target = _nnunet_trainer_path()
+    target = nnunet_trainer_path(TRAINER_NAME)
     installed.append(target)
     shutil.copyfile(TRAINER_SOURCE, target)
     # fold "all": nnU-Net's 5-fold split refuses fewer than five training cases
-    _check([str(nn_bin / "nnUNetv2_train"), str(NNUNET_ID), "3d_fullres", "all", "-tr", TRAINER_NAME, "-device",
-            nnunet_device(device)], {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
+    run_checked([str(nn_bin / "nnUNetv2_train"), str(NNUNET_ID), "3d_fullres", "all", "-tr", TRAINER_NAME, "-device",
+                 nnunet_device(device)],
+                {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
     return env, {"patch_size": config["patch_size"], "spacing": config["spacing"],
                  "features_per_stage": kwargs["features_per_stage"]}
 
@@ -115,12 +119,12 @@ def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
     shape, workers = TEST_SHAPE[bool(args.quick)], str(args.workers)
     train_shape = TRAIN_SHAPE[bool(args.quick)]
     repeats = 1 if args.quick else args.repeats
-    _check([str(OUR_PYTHON), str(HERE / "_synthetic_ct.py"), str(tmp), "--test-shape", *map(str, shape),
-            "--train-shape", *map(str, train_shape)],
-           _our_env())
+    run_checked([str(OUR_PYTHON), str(HERE / "_synthetic_ct.py"), str(tmp), "--test-shape", *map(str, shape),
+                 "--train-shape", *map(str, train_shape)], our_env())
     (tmp / "test_nnunet").mkdir()
     (tmp / "test_nnunet" / "ct_0000.nii.gz").symlink_to(tmp / "test" / "ct.nii.gz")
-    device, ours_net, problem, env, their_net = args.device, _ours(tmp, workers, args.device), _has_reference(), {}, {}
+    device, ours_net, problem = args.device, _ours(tmp, workers, args.device), reference_problem()
+    env, their_net = {}, {}
     if not problem:
         try:
             env, their_net = _theirs(tmp, workers, installed, device)
@@ -132,7 +136,7 @@ def _run(args: Any, tmp: Path, installed: list[Path]) -> list[Record]:
               str(tmp / "out_nnunet"), "-d", str(NNUNET_ID), "-c", "3d_fullres", "-f", "all", "-tr", TRAINER_NAME,
               "-chk", "checkpoint_final.pth", "-device", nnunet_device(device), "-npp", workers, "-nps", workers,
               "--disable_tta"]
-    sides = {"decathlete": _guarded(lambda: _timed(ours, _our_env(), tmp / "out_ours", "ct.nii.gz"))}
+    sides = {"decathlete": _guarded(lambda: _timed(ours, our_env(), tmp / "out_ours", "ct.nii.gz"))}
     if not problem:
         sides["reference"] = _guarded(lambda: _timed(theirs, env, tmp / "out_nnunet", "ct.nii.gz"))
     runs = alternate(sides, repeats)

@@ -25,9 +25,10 @@ Two measurements, each side in its own subprocess, the sides alternating, the me
     epoch: nnU-Net's epoch start to its validation start; decathlete's ``epoch_seconds`` minus the time in its
     validation function (the worker mode of this file wraps ``decathlete.train.trainer._validate`` with a timer and
     runs the CLI in-process).
-    Both systems plan and preprocess beforehand (untimed): ``decathlete plan`` + ``decathlete preprocess`` and
-    ``nnUNetv2_convert_MSD_dataset`` + ``nnUNetv2_plan_and_preprocess -c 3d_fullres``; ``--quick`` uses the first 40
-    cases, for which both planners cut the batch to 2 (the 5 % dataset-coverage cap), else all 200 (batch 7).
+    Both systems plan and preprocess beforehand (untimed, once per run in the shared ``Workspace``): ``decathlete
+    plan`` + ``decathlete preprocess`` and nnU-Net's conversion, fingerprint, plan and ``nnUNetv2_preprocess -c
+    3d_fullres``; ``--quick`` uses the first 20 cases, for which both planners cut the batch to 2 (the 5 % dataset-
+    coverage cap), else all 200 (batch 7).
     N = 10 (2 with ``--quick``), V = 2.
 
 Run as a script (``--step-worker`` / ``--loop-worker``) it is decathlete's side of one measurement.
@@ -40,22 +41,15 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_augment import _our_env, _ref_env
-from bench_preprocess import DATASET, NNUNET_ID, QUICK_CASES, _check, subset_dataset
-from common import BENCH_VENV, REPO, SHARED_DATA, Record, alternate, median_of, nnunet_device
+from _workspace import BENCH_TRAINER, BENCH_TRAINER_SOURCE, CONFIGURATION, DATASET, NN_BIN, NNUNET_ID
+from common import OUR_PYTHON, Record, alternate, median_of, nnunet_device, our_env, ref_env
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_SCRIPT = HERE / "_train_reference.py"
-TRAINER_SOURCE = HERE / "_nnunet_bench_trainer.py"
-TRAINER_NAME = "nnUNetTrainer_decathleteBench"
-OUR_PYTHON = REPO / ".venv" / "bin" / "python"
-OUR_CLI = REPO / ".venv" / "bin" / "decathlete"
-CONFIGURATION = "3d_fullres"
 STEP_WARMUP = {False: 2, True: 1}  # by --quick
 STEP_ITERATIONS = {False: 5, True: 1}
 LOOP_ITERATIONS = {False: 10, True: 2}
@@ -87,10 +81,6 @@ def _architecture(plans_path: Path) -> dict[str, Any]:
 
 
 def _step_worker(args: argparse.Namespace) -> dict[str, Any]:
-    if args.write_arch:
-        arch = _architecture(args.plans)
-        args.write_arch.write_text(json.dumps(arch, indent=2))
-        return arch
     import torch
 
     from _train_reference import step_loop
@@ -145,7 +135,6 @@ def worker_main() -> None:
     parser.add_argument("--step-worker", action="store_true")
     parser.add_argument("--loop-worker", action="store_true")
     parser.add_argument("--plans", type=Path)
-    parser.add_argument("--write-arch", type=Path)
     parser.add_argument("--arch", type=Path)
     parser.add_argument("--warmup", type=int, default=STEP_WARMUP[False])
     parser.add_argument("--iterations", type=int, default=2)
@@ -192,42 +181,31 @@ def _summary(runs: list[dict[str, Any]], key: str) -> tuple[float | None, str]:
     return round(median_of(runs, key), 5), ""
 
 
-def _has_reference() -> str:
-    if not (BENCH_VENV / "bin" / "python").exists():
-        return f"reference environment {BENCH_VENV} is absent (make bench creates it)"
-    return ""
-
-
 def run(args: Any) -> list[Record]:
     """Both records: the training step (network only), then the training loop."""
     return run_step(args) + run_loop(args)
 
 
+def write_architecture(plans: Path, out: Path) -> dict[str, Any]:
+    """The network both sides build, from decathlete's plan (the orchestrator runs in decathlete's environment)."""
+    arch = _architecture(plans)
+    out.write_text(json.dumps(arch, indent=2))
+    return arch
+
+
 def run_step(args: Any) -> list[Record]:
-    src = SHARED_DATA / DATASET
-    if not src.is_dir():
-        return [Record(STEP_NAME, "iterations/s", None, None, STEP_REFERENCE, "higher", note=f"{src} is absent")]
-    tmp = Path(tempfile.mkdtemp(prefix="decathlete-bench-train-step-"))
-    try:
-        return [_run_step(args, src, tmp)]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _run_step(args: Any, src: Path, tmp: Path) -> Record:
-    work = tmp / "decathlete"
-    data = subset_dataset(src, tmp / DATASET, QUICK_CASES) if args.quick else src  # --quick: batch 2, same network
-    _check([str(OUR_CLI), "plan", str(data), "-o", str(work), "-j", str(args.workers)])
-    plans, arch_path = work / "plans.json", tmp / "arch.json"
-    arch = _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--write-arch",
-                      str(arch_path)], _our_env())
+    ws = args.workspace
+    if not ws.source.is_dir():
+        return [Record(STEP_NAME, "iterations/s", None, None, STEP_REFERENCE, "higher", note=f"{ws.source} is absent")]
+    plans, arch_path = ws.our_plan() / "plans.json", ws.root / "arch.json"
+    arch = write_architecture(plans, arch_path)
     n, warmup, threads = STEP_ITERATIONS[bool(args.quick)], STEP_WARMUP[bool(args.quick)], os.cpu_count() or 1
     timing = ["--warmup", str(warmup), "--iterations", str(n), "--threads", str(threads), "--device", args.device]
     ours = _guarded(lambda: _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--arch",
-                                       str(arch_path), *timing], _our_env()))
-    theirs = _guarded(lambda: _run_json([str(BENCH_VENV / "bin" / "python"), str(REFERENCE_SCRIPT), "--json",
-                                         "--arch", str(arch_path), *timing], _ref_env()))
-    ref_problem = _has_reference()
+                                       str(arch_path), *timing], our_env()))
+    theirs = _guarded(lambda: _run_json([str(NN_BIN / "python"), str(REFERENCE_SCRIPT), "--json",
+                                         "--arch", str(arch_path), *timing], ref_env()))
+    ref_problem = ws.nnunet_problem
     runs = alternate({"decathlete": ours, **({} if ref_problem else {"reference": theirs})}, args.repeats)
     runs.setdefault("reference", [{"error": ref_problem}])
     value = {side: _summary(side_runs, "iterations_per_second") for side, side_runs in runs.items()}
@@ -236,15 +214,15 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
     net = arch["decathlete_network"]
     plain = (net["block"], net["n_blocks_per_stage"], net["n_conv_per_stage_decoder"]) == ("plain", 2, 2)
     shape = f"batch {arch['batch_size']}, patch {'x'.join(map(str, arch['patch_size']))}"
-    cases = f"the first {QUICK_CASES} cases" if args.quick else "all"
-    note = (f"decathlete's 3d_fullres plan of {cases} of {DATASET} ({shape}, {len(arch['features_per_stage'])} stages, "
-            f"features {arch['features_per_stage']}); {warmup} warm-up + {n} timed steps per run, {threads} "
-            f"torch threads per side (the machine's CPU count), {args.device}, fp32. Step: zero_grad + forward + sum "
-            f"of CE over the {len(arch['features_per_stage']) - 1} deep-supervision outputs (random labels, strided "
-            "downsampling) + backward + SGD(0.01, momentum 0.99, Nesterov, wd 3e-5) step, the same code on both "
-            "sides; random input. decathlete DynamicUNet (convs without bias before InstanceNorm) vs PlainConvUNet "
-            f"with nnU-Net's plan kwargs (conv_bias=True): {params.get('decathlete')} vs {params.get('reference')} "
-            "parameters. No data loading, augmentation, Dice term, gradient clipping")
+    note = (f"decathlete's 3d_fullres plan of {ws.describe()} of {DATASET} ({shape}, "
+            f"{len(arch['features_per_stage'])} stages, features {arch['features_per_stage']}); {warmup} warm-up + "
+            f"{n} timed steps per run, {threads} torch threads per side (the machine's CPU count), {args.device}, "
+            f"fp32. Step: zero_grad + forward + sum of CE over the {len(arch['features_per_stage']) - 1} "
+            "deep-supervision outputs (random labels, strided downsampling) + backward + SGD(0.01, momentum 0.99, "
+            "Nesterov, wd 3e-5) step, the same code on both sides; random input. decathlete DynamicUNet (convs "
+            "without bias before InstanceNorm) vs PlainConvUNet with nnU-Net's plan kwargs (conv_bias=True): "
+            f"{params.get('decathlete')} vs {params.get('reference')} parameters. No data loading, augmentation, "
+            "Dice term, gradient clipping")
     if not plain:
         note += f"; WARNING: decathlete's plan is not a plain 2-conv U-Net ({net})"
     for side, (_, error) in value.items():
@@ -255,89 +233,41 @@ def _run_step(args: Any, src: Path, tmp: Path) -> Record:
                "per_run_iterations_per_second": {side: [r.get("iterations_per_second") for r in side_runs]
                                                  for side, side_runs in runs.items()},
                "runs": runs}
-    return Record(STEP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0], STEP_REFERENCE,
-                  "higher", details, note)
-
-
-def _nnunet_trainer_path(name: str = TRAINER_NAME) -> Path:
-    out = subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", "import nnunetv2, os; "
-                          "print(os.path.dirname(nnunetv2.__file__))"], env=_ref_env(), capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"cannot import nnunetv2 in {BENCH_VENV}: {out.stderr[-1000:]}")
-    # Top level, not variants/benchmarking/: the lookup by name imports the folder's modules before it walks the
-    # subpackages in alphabetical order, and primus/ (before variants/) imports timm -> torchvision, which fails in
-    # the CPU reference environment ("operator torchvision::nms does not exist").
-    return Path(out.stdout.strip()) / "training" / "nnUNetTrainer" / f"{name}.py"
-
-
-def _remove_trainer(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
-        cached.unlink(missing_ok=True)
+    return [Record(STEP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0], STEP_REFERENCE,
+                   "higher", details, note)]
 
 
 def run_loop(args: Any) -> list[Record]:
-    src = SHARED_DATA / DATASET
-    if not src.is_dir():
+    ws = args.workspace
+    if not ws.source.is_dir():
         return [Record(LOOP_NAME, "iterations/s", None, None, LOOP_REFERENCE.format(nnunet_device(args.device)),
-                       "higher", note=f"{src} is absent")]
-    tmp = Path(tempfile.mkdtemp(prefix="decathlete-bench-train-loop-"))
-    installed: list[Path] = []
-    try:
-        return [_run_loop(args, src, tmp, installed)]
-    finally:
-        for path in installed:
-            _remove_trainer(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prepare_nnunet(data: Path, tmp: Path, workers: str, installed: list[Path]) -> dict[str, str]:
-    """Convert, plan and preprocess for nnU-Net (untimed) and install the benchmark trainer; returns the env."""
-    env = {**_ref_env(), "nnUNet_raw": str(tmp / "nnunet_raw"), "nnUNet_preprocessed": str(tmp / "nnunet_pre"),
-           "nnUNet_results": str(tmp / "nnunet_results"), "nnUNet_n_proc_DA": workers}
-    nn_bin = BENCH_VENV / "bin"
-    _check([str(nn_bin / "nnUNetv2_convert_MSD_dataset"), "-i", str(data), "-overwrite_id", str(NNUNET_ID),
-            "-np", workers], env)
-    _check([str(nn_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_ID), "-c", CONFIGURATION,
-            "-np", workers, "-npfp", workers], env)
-    target = _nnunet_trainer_path()
-    installed.append(target)
-    shutil.copyfile(TRAINER_SOURCE, target)
-    return env
-
-
-def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
-    data = src
-    if args.quick:
-        data = subset_dataset(src, tmp / DATASET, QUICK_CASES)
-    n_cases = len(json.loads((data / "dataset.json").read_text())["training"])
-    n, v, workers = LOOP_ITERATIONS[bool(args.quick)], LOOP_VAL_ITERATIONS, str(args.workers)
-    work = tmp / "decathlete"
-    _check([str(OUR_CLI), "plan", str(data), "-o", str(work), "-j", workers])
-    _check([str(OUR_CLI), "preprocess", str(work), "-c", CONFIGURATION, "-j", workers])
-    ref_problem, env = _has_reference(), {}
+                       "higher", note=f"{ws.source} is absent")]
+    n_cases = len(ws.case_ids)
+    n, v, workers = LOOP_ITERATIONS[bool(args.quick)], LOOP_VAL_ITERATIONS, ws.workers
+    work = ws.our_preprocessed()
+    ref_problem, env = ws.nnunet_problem, {}
     if not ref_problem:
         try:
-            env = _prepare_nnunet(data, tmp, workers, installed)
-        except (RuntimeError, OSError, StopIteration) as exc:
+            env = ws.nnunet_preprocessed()
+            ws.nnunet_trainer(BENCH_TRAINER_SOURCE, BENCH_TRAINER)
+        except (RuntimeError, OSError) as exc:
             ref_problem = f"nnU-Net setup failed: {str(exc)[-1200:]}"
 
     def ours() -> dict[str, Any]:
         shutil.rmtree(work / "models", ignore_errors=True)
         r = _run_json([str(OUR_PYTHON), __file__, "--loop-worker", "--work", str(work), "--iterations", str(n),
-                       "--val-iterations", str(v), "--device", args.device], _our_env())
+                       "--val-iterations", str(v), "--device", args.device], our_env())
         return {**r, "iterations_per_second": n / r["train_seconds"],
                 "epoch_iterations_per_second": (n + v) / r["epoch_seconds"]}
 
     def theirs() -> dict[str, Any]:
-        results = tmp / "nnunet_results"
-        shutil.rmtree(results, ignore_errors=True)
-        cmd = [str(BENCH_VENV / "bin" / "nnUNetv2_train"), str(NNUNET_ID), CONFIGURATION, "0", "-tr", TRAINER_NAME,
+        for old in ws.nnunet_results.glob(f"{BENCH_TRAINER}__*"):
+            shutil.rmtree(old)
+        cmd = [str(NN_BIN / "nnUNetv2_train"), str(NNUNET_ID), CONFIGURATION, "0", "-tr", BENCH_TRAINER,
                "-device", nnunet_device(args.device)]
         proc = subprocess.run(cmd, env={**env, "DECATHLETE_BENCH_ITERATIONS": str(n),
                                         "DECATHLETE_BENCH_VAL_ITERATIONS": str(v)}, capture_output=True, text=True)
-        found = list(results.glob(f"*/{TRAINER_NAME}__*/fold_0/bench_timing.json"))
+        found = list(ws.nnunet_results.glob(f"{BENCH_TRAINER}__*/fold_0/bench_timing.json"))
         if proc.returncode != 0 or not found:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-1500:]}\n"
                                f"{proc.stderr[-1500:]}")
@@ -356,7 +286,7 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
 
     batch = {side: first(side, "batch_size") for side in runs}
     threads = {side: first(side, "torch_threads") for side in runs}
-    note = (f"{n_cases} cases of {DATASET} ({f'first {QUICK_CASES}, ' if args.quick else ''}fold 0), 3d_fullres, "
+    note = (f"{ws.describe()} of {DATASET} (fold 0), 3d_fullres, "
             f"batch {batch['decathlete']} (nnU-Net {batch['reference']}), {args.device}; one epoch of {n} training + "
             f"{v} validation iterations; figure = {n} / training part of the epoch (nnU-Net: epoch start to validation "
             "start; decathlete: epoch_seconds minus its validation). torch threads: decathlete "
@@ -377,8 +307,8 @@ def _run_loop(args: Any, src: Path, tmp: Path, installed: list[Path]) -> Record:
                "per_run_iterations_per_second": {side: [r.get("iterations_per_second") for r in side_runs]
                                                  for side, side_runs in runs.items()},
                "runs": runs}
-    return Record(LOOP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0],
-                  LOOP_REFERENCE.format(nnunet_device(args.device)), "higher", details, note)
+    return [Record(LOOP_NAME, "iterations/s", value["decathlete"][0], value["reference"][0],
+                   LOOP_REFERENCE.format(nnunet_device(args.device)), "higher", details, note)]
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ median of the repeats is reported.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BENCH_VENV = REPO / ".venv-bench"
+OUR_PYTHON = REPO / ".venv" / "bin" / "python"
+OUR_CLI = REPO / ".venv" / "bin" / "decathlete"
 
 
 @dataclass
@@ -100,3 +105,64 @@ def alternate(sides: dict[str, Callable[[], dict[str, float]]], repeats: int) ->
 
 def median_of(runs: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
+
+
+def reference_problem() -> str:
+    """Why the reference systems cannot run ("" when their environment is there)."""
+    if not (BENCH_VENV / "bin" / "python").exists():
+        return f"reference environment {BENCH_VENV} is absent (make bench creates it)"
+    return ""
+
+
+def our_env() -> dict[str, str]:
+    """Environment for decathlete's side (its source first on the path)."""
+    src = str(REPO / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def ref_env() -> dict[str, str]:
+    """Environment for the reference systems (nothing of decathlete's on the path)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def run_checked(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run an untimed preparation command, printing how long it took; raise with its output if it fails."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print(f"   {Path(cmd[0]).name} {' '.join(cmd[1:3])}: {time.perf_counter() - start:.0f} s", flush=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+
+def subset_dataset(src: Path, dst: Path, n: int) -> Path:
+    """Copy the first ``n`` training cases (outside the repository) so both systems see the same subset."""
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["training"], meta["test"] = meta["training"][:n], []
+    meta["numTraining"], meta["numTest"] = n, 0
+    for entry in meta["training"]:
+        for key in ("image", "label"):
+            target = dst / entry[key]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / entry[key], target)
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (dst / "imagesTs").mkdir(exist_ok=True)  # nnUNetv2_convert_MSD_dataset asserts that it exists
+    return dst
+
+
+def nnunet_trainer_path(name: str) -> Path:
+    """Where a benchmark trainer class ``name`` goes in the reference environment's nnunetv2 package."""
+    out = subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", "import nnunetv2, os; "
+                          "print(os.path.dirname(nnunetv2.__file__))"], env=ref_env(), capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cannot import nnunetv2 in {BENCH_VENV}: {out.stderr[-1000:]}")
+    # Top level, not variants/benchmarking/: the lookup by name imports the folder's modules before it walks the
+    # subpackages in alphabetical order, and primus/ (before variants/) imports timm -> torchvision, which fails in
+    # the CPU reference environment ("operator torchvision::nms does not exist").
+    return Path(out.stdout.strip()) / "training" / "nnUNetTrainer" / f"{name}.py"
+
+
+def remove_trainer(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+        cached.unlink(missing_ok=True)

@@ -27,8 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_augment import _our_env  # noqa: E402
-from common import REPO, git_commit, machine, now  # noqa: E402
+from common import REPO, git_commit, machine, now, our_env  # noqa: E402
 from peak_rss import measure  # noqa: E402
 
 CLI = REPO / ".venv" / "bin" / "decathlete"
@@ -47,7 +46,7 @@ nib.save(nib.Nifti1Image(ct.transpose(2, 1, 0), np.diag([*spacing[::-1], 1.0])),
 
 
 def _run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, env=_our_env(), capture_output=True, text=True)
+    result = subprocess.run(cmd, env=our_env(), capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
@@ -72,7 +71,7 @@ def main() -> None:
         _run([str(PYTHON), "-c", _MAKE_VOLUME, str(tmp / "in" / "ct.nii.gz")])
         cmd = [str(CLI), "predict", "-i", str(tmp / "in"), "-o", str(tmp / "out"), "-m", str(work), "--no-tta",
                "--device", "cpu"]
-        result = measure(cmd, env=_our_env())
+        result = measure(cmd, env=our_env())
         if result["returncode"] != 0 or not (tmp / "out" / "ct.nii.gz").is_file():
             raise SystemExit(f"predict failed ({result['returncode']})")
         plans = json.loads((work / "plans.json").read_text())["configurations"]["3d_fullres"]

@@ -6,7 +6,8 @@
 (preprocessing and augmentation run on the CPU in both systems, whatever the device).
 
 Reference systems (nnU-Net v2 ...) run from the separate environment ``.venv-bench`` that ``make bench`` creates;
-they are never dependencies of the package.
+they are never dependencies of the package. The hippocampus benchmarks share one prepared dataset per run
+(``_workspace.Workspace``: plans, preprocessed data and models of both systems), made when first needed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
+from _workspace import Workspace  # noqa: E402
 from common import REPO, check_device, git_commit, machine, now  # noqa: E402
 
 BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run,
@@ -90,11 +93,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     records = []
-    for name in names:
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        records += BENCHMARKS[name](args)
-        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    args.workspace = Workspace(Path(tempfile.mkdtemp(prefix="decathlete-bench-")), args.quick, args.workers,
+                               args.device)
+    try:
+        for name in names:
+            print(f"== {name}", flush=True)
+            start = time.perf_counter()
+            records += BENCHMARKS[name](args)
+            print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        args.workspace.close()
     write_results(records, args.out_dir, args)
     print((args.out_dir / "latest.md").read_text())
 

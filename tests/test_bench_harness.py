@@ -103,3 +103,31 @@ def test_synthetic_ct_geometry_and_labels(tmp_path: Path) -> None:
     assert itk.GetPixelID() == sitk.sitkInt16
     label, _ = read_label(raw / "labelsTr" / "ct_000.nii.gz")
     assert set(np.unique(label)) == {0, 1, 2, 3, 4, 5}  # every organ present, nothing else
+
+
+@pytest.mark.skipif(not (common.SHARED_DATA / "Task04_Hippocampus").is_dir(),
+                    reason="../shared/data/Task04_Hippocampus is absent")
+def test_workspace_prepares_once_and_redoes_only_what_a_benchmark_removed(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from _workspace import QUICK_CASES, Workspace
+
+    ws = Workspace(tmp_path / "ws", quick=True, workers=1, device="cpu")
+    work = ws.our_preprocessed()
+    first = capsys.readouterr().out
+    assert "decathlete plan" in first and "decathlete preprocess" in first
+    assert len(ws.case_ids) == QUICK_CASES and ws.data.is_relative_to(tmp_path)  # a copy, never the shared data
+    assert json.loads((work / "splits.json").read_text()) == ws.splits
+    fold0 = ws.splits[0]
+    assert sorted(fold0["train"] + fold0["val"]) == ws.case_ids and not set(fold0["train"]) & set(fold0["val"])
+
+    assert ws.our_preprocessed() == work and capsys.readouterr().out == ""  # complete: nothing is run again
+    shutil.rmtree(work / "preprocessed")  # what the preprocessing benchmark does before timing
+    (work / "splits.json").unlink()
+    ws.our_preprocessed()
+    again = capsys.readouterr().out
+    assert "decathlete preprocess" in again and "decathlete plan" not in again
+    assert json.loads((work / "splits.json").read_text()) == ws.splits
+    ws.close()
+    assert not (tmp_path / "ws").exists()
