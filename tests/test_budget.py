@@ -153,6 +153,16 @@ def test_clock_progress_and_stop() -> None:
     assert math.isclose(TrainingClock(10.0, already_s=20.0).progress(0, 10), 1.0)
 
 
+def test_refit_to_more_epochs_never_raises_the_learning_rate_again() -> None:
+    clock = TrainingClock(1e6)  # time progress ~0: the steps lead
+    assert clock.progress(500, 1000) == pytest.approx(0.5)
+    # the refit doubled the run: 501 of 2000 steps is 25 %, but the schedule already stood at 50 %
+    assert clock.progress(501, 2000) == pytest.approx(0.5)
+    assert clock.schedule_step(501, 2000) == 1000
+    assert clock.progress(1200, 2000) == pytest.approx(0.6)  # and moves on once the steps catch up
+    assert TrainingClock(None).progress(501, 2000) == pytest.approx(501 / 2000)  # without a budget: steps alone
+
+
 def test_epochs_are_refitted_from_measured_epoch_time() -> None:
     clock = TrainingClock(100.0, already_s=40.0)  # 60 s left
     # median epoch 12 s: 60 / 12 = 5 more epochs after the 3 done

@@ -15,11 +15,13 @@ class TrainingClock:
     """Seconds spent training (carried over ``--resume``), measured against an optional budget.
 
     With a budget the learning-rate schedule runs on ``max(step progress, time progress)``, so a run that the budget
-    cuts short is still annealed at its end instead of stopping at a high learning rate.
+    cuts short is still annealed at its end instead of stopping at a high learning rate; and that progress never goes
+    back, so re-fitting the run to more epochs (fewer steps done out of more) does not raise the learning rate again.
     """
 
     def __init__(self, budget_s: float | None, already_s: float = 0.0) -> None:
         self.budget_s, self.already_s, self.start = budget_s, already_s, time.perf_counter()
+        self._reached = 0.0
 
     def elapsed(self) -> float:
         return self.already_s + time.perf_counter() - self.start
@@ -27,7 +29,8 @@ class TrainingClock:
     def progress(self, step: int, total: int) -> float:
         done = step / max(total, 1)
         if self.budget_s:
-            done = max(done, self.elapsed() / self.budget_s)
+            done = max(done, self.elapsed() / self.budget_s, self._reached)
+            self._reached = min(done, 1.0)
         return min(done, 1.0)
 
     def schedule_step(self, step: int, total: int) -> int:
