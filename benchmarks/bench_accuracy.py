@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _workspace import CONFIGURATION, DATASET, NN_BIN, NNUNET_ID
+from _workspace import CONFIGURATION, DATASET, NN_BIN, NNUNET_ID, Workspace
 from common import OUR_CLI, Record, nnunet_device, our_env, run_checked
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ def _scores(pred: Path, labels: Path, data: Path, tag: str) -> dict[str, Any]:
     return {"dice": round(summary["foreground_mean"]["dice"], 4), "per_class": per_class}
 
 
-def _ours(ws: Any, work: Path, minutes: float, images: Path, labels: Path, device: str) -> dict[str, Any]:
+def _ours(ws: Workspace, work: Path, minutes: float, images: Path, labels: Path, device: str) -> dict[str, Any]:
     try:
         budget, workers = f"{minutes * 60:g}s", ws.workers
         run_checked([str(OUR_CLI), "plan", str(ws.data), "-o", str(work), "-j", workers, "--time-budget", budget,
@@ -118,7 +118,7 @@ def _ours(ws: Any, work: Path, minutes: float, images: Path, labels: Path, devic
         return {"error": f"{type(exc).__name__}: {str(exc)[-1200:]}"}
 
 
-def _theirs(ws: Any, tmp: Path, budgets: list[float], labels: Path, device: str) -> dict[float, dict[str, Any]]:
+def _theirs(ws: Workspace, tmp: Path, budgets: list[float], labels: Path, device: str) -> dict[float, dict[str, Any]]:
     env = ws.nnunet_preprocessed()  # with decathlete's split as splits_final.json
     ws.nnunet_trainer(TRAINER_SOURCE, TRAINER_NAME)
     for old in ws.nnunet_results.glob(f"{TRAINER_NAME}__*"):
@@ -131,8 +131,8 @@ def _theirs(ws: Any, tmp: Path, budgets: list[float], labels: Path, device: str)
     raw_images = ws.nnunet_raw / "imagesTr"
     images = tmp / "nnunet_val_images"
     images.mkdir()
-    images_list = ws.splits[0]["val"]
-    for cid in images_list:
+    val = ws.splits[0]["val"]
+    for cid in val:
         (images / f"{cid}_0000.nii.gz").symlink_to(raw_images / f"{cid}_0000.nii.gz")
     out: dict[float, dict[str, Any]] = {}
     for m in budgets:
@@ -145,7 +145,7 @@ def _theirs(ws: Any, tmp: Path, budgets: list[float], labels: Path, device: str)
         seconds = time.perf_counter() - t0  # its dataset/plans JSON files in pred are ignored by the evaluator
         out[m] = {**_scores(pred, labels, ws.data, "nnunet"), "steps": info["iterations"],
                   "elapsed_seconds": round(info["elapsed_seconds"], 1), "epoch": info["epoch"], "lr": info["lr"],
-                  "checkpoint": info["checkpoint"], "predict_seconds_per_case": round(seconds / len(images_list), 3)}
+                  "checkpoint": info["checkpoint"], "predict_seconds_per_case": round(seconds / len(val), 3)}
     return out
 
 

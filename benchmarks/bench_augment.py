@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from common import BENCH_VENV, OUR_PYTHON, Record, alternate, median_of, our_env, ref_env
+from common import BENCH_VENV, OUR_PYTHON, Record, alternate, median_of, our_env, ref_env, run_json
 
 REFERENCE_NAME = "batchgeneratorsv2 (nnU-Net v2 default transforms)"
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_augment_reference.py"
@@ -170,13 +169,6 @@ def worker_main() -> None:
 
 # --- orchestration ---------------------------------------------------------------------------------------------------
 
-def _json_run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _ours_cmd(*extra: str) -> list[str]:
     return [str(OUR_PYTHON), str(Path(__file__).resolve()), "--worker", "--json", *extra]
 
@@ -205,14 +197,14 @@ def run(args: Any) -> list[Record]:
 
 def _run_config(args: Any, name: str, patch: tuple[int, ...], batch: int, n: int, tmp: Path) -> Record:
     spatial = [str(p) for p in patch]
-    ours_size = _json_run(_ours_cmd("--input-size", "--patch", *spatial), our_env())["input_size"]
+    ours_size = run_json(_ours_cmd("--input-size", "--patch", *spatial), our_env())["input_size"]
     ref_settings: dict[str, Any] | None = None
     ref_problem = ""
     if not (BENCH_VENV / "bin" / "python").exists():
         ref_problem = f"reference environment {BENCH_VENV} is absent (make bench creates it)"
     else:
         try:
-            ref_settings = _json_run(_ref_cmd("--input-size", "--patch", *spatial), ref_env())
+            ref_settings = run_json(_ref_cmd("--input-size", "--patch", *spatial), ref_env())
         except (RuntimeError, ValueError) as exc:
             ref_problem = f"reference could not run: {str(exc)[-500:]}"
     ref_size = ref_settings["initial_patch_size"] if ref_settings else ours_size
@@ -223,12 +215,12 @@ def _run_config(args: Any, name: str, patch: tuple[int, ...], batch: int, n: int
 
     def ours(threads: int = 1, procs: int = 1):
         seeds = iter(range(10_000))  # a new augmentation seed per run: 0, 1, 2... on every side
-        return lambda: _json_run(_ours_cmd(*common, "--seed", str(next(seeds)), "--threads", str(threads),
+        return lambda: run_json(_ours_cmd(*common, "--seed", str(next(seeds)), "--threads", str(threads),
                                            "--procs", str(procs)), our_env())
 
     def theirs(procs: int = 1):
         seeds = iter(range(10_000))
-        return lambda: _json_run(_ref_cmd(*common, "--seed", str(next(seeds)), "--procs", str(procs)), ref_env())
+        return lambda: run_json(_ref_cmd(*common, "--seed", str(next(seeds)), "--procs", str(procs)), ref_env())
 
     sides = {"decathlete": ours(), **({"reference": theirs()} if ref_settings else {}),
              "decathlete_2_threads": ours(threads=2)}

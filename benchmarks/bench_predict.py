@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from _workspace import BENCH_TRAINER, CONFIGURATION, DATASET, NN_BIN, NNUNET_ID
+from _workspace import BENCH_TRAINER, CONFIGURATION, DATASET, NN_BIN, NNUNET_ID, Workspace
 from bench_train import _guarded, _summary, write_architecture
 from common import OUR_CLI, Record, alternate, nnunet_device, our_env, ref_env
 from peak_rss import measure
@@ -45,7 +45,7 @@ def run(args: Any) -> list[Record]:
     return _run(args, ws, _prepare(args, ws))
 
 
-def _prepare(args: Any, ws: Any) -> tuple[Path, list[str], dict[str, str], str]:
+def _prepare(args: Any, ws: Workspace) -> tuple[Path, list[str], dict[str, str], str]:
     """Fold-0 models of both systems, image folders, the architecture file; returns (folder, cases, env, problem)."""
     tmp = ws.root / "predict"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +77,7 @@ def _timed(cmd: list[str], env: dict[str, str], out: Path, n: int) -> dict[str, 
             "cpu_s": result["cpu_s"]}
 
 
-def _run(args: Any, ws: Any, prepared: tuple[Path, list[str], dict[str, str], str]) -> list[Record]:
+def _run(args: Any, ws: Workspace, prepared: tuple[Path, list[str], dict[str, str], str]) -> list[Record]:
     tmp, cases, env, problem = prepared
     n, workers, nn_bin, device = len(cases), ws.workers, NN_BIN, args.device
     records, reference = [], {side: name.format(nnunet_device(device)) for side, name in SIDES.items()}

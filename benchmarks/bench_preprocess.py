@@ -14,11 +14,14 @@ runs here leave fully preprocessed for the benchmarks after this one.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from _workspace import CONFIGURATION, DATASET, NN_BIN, NNUNET_ID
 from common import OUR_CLI, Record, alternate, median_of
 from peak_rss import measure
+
+SIDES = ("decathlete", "nnunet")
 
 
 def _measured(cmd: list[str], env: dict[str, str] | None = None, pss: bool = False) -> dict[str, float]:
@@ -59,24 +62,25 @@ def run(args: Any) -> list[Record]:
         return _measured([str(NN_BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_ID), "-c", CONFIGURATION,
                           "-np", workers, "-npfp", workers], env)
 
-    if problem:  # decathlete alone, so its figures are still measured
-        theirs = theirs_all = lambda *a, **k: {"wall_s": None, "peak_rss_mb": None, "peak_pss_mb": None}  # noqa: E731
-    runs = alternate({"decathlete": ours, "nnunet": theirs}, args.repeats)
-    whole = alternate({"decathlete": ours_all, "nnunet": theirs_all}, args.repeats)
-    memory = alternate({"decathlete": lambda: ours(pss=True), "nnunet": lambda: theirs(pss=True)}, 1)
+    def both(mine: Callable[[], dict], reference: Callable[[], dict]) -> dict[str, Callable[[], dict]]:
+        return {"decathlete": mine, **({} if problem else {"nnunet": reference})}  # alone: still measured
+
+    runs = alternate(both(ours, theirs), args.repeats)
+    whole = alternate(both(ours_all, theirs_all), args.repeats)
+    memory = alternate(both(lambda: ours(pss=True), lambda: theirs(pss=True)), 1)
     note = (f"{ws.describe()} of {DATASET}, {CONFIGURATION}, {args.workers} workers; decathlete includes its "
             "validation pass" + (f"; nnU-Net not run: {problem}" if problem else ""))
-    rss = {side: _median(r, "peak_rss_mb") for side, r in runs.items()}
-    per_case = {side: _per_case(r, n_cases) for side, r in runs.items()}
-    whole_per_case = {side: _per_case(r, n_cases) for side, r in whole.items()}
+    rss = {side: round(median_of(runs[side], "peak_rss_mb"), 1) if side in runs else None for side in SIDES}
+    per_case = {side: median_of(runs[side], "wall_s") / n_cases if side in runs else None for side in SIDES}
+    whole_per_case = {side: median_of(whole[side], "wall_s") / n_cases if side in whole else None for side in SIDES}
+    pss = {side: memory[side][0]["peak_pss_mb"] if side in memory else None for side in SIDES}
     return [
         Record("preprocess_seconds_per_case", "s/case", per_case["decathlete"], per_case["nnunet"],
                "nnUNetv2_preprocess", "lower", {"cases": n_cases, "workers": args.workers, "runs": runs}, note),
-        Record("preprocess_peak_memory_pss", "MB", memory["decathlete"][0]["peak_pss_mb"],
-               memory["nnunet"][0]["peak_pss_mb"], "nnUNetv2_preprocess", "lower",
+        Record("preprocess_peak_memory_pss", "MB", pss["decathlete"], pss["nnunet"], "nnUNetv2_preprocess", "lower",
                {"peak_tree_rss_mb_median": rss, "pss_runs": memory},
                note + f"; peak tree RSS (double-counts forked pages): decathlete {rss['decathlete']} MB, "
-                      f"nnU-Net {rss['nnunet']} MB"),
+                      f"nnU-Net {rss['nnunet'] or '—'} MB"),
         Record("plan_and_preprocess_seconds_per_case", "s/case", whole_per_case["decathlete"],
                whole_per_case["nnunet"], "nnUNetv2_plan_and_preprocess", "lower",
                {"runs": whole}, f"validate + fingerprint + plan + preprocess {CONFIGURATION} of {n_cases} cases, "
@@ -85,10 +89,3 @@ def run(args: Any) -> list[Record]:
                                 + (f"; nnU-Net not run: {problem}" if problem else "")),
     ]
 
-
-def _median(runs: list[dict[str, float | None]], key: str) -> float | None:
-    return None if runs[0][key] is None else round(median_of(runs, key), 1)
-
-
-def _per_case(runs: list[dict[str, float | None]], n_cases: int) -> float | None:
-    return None if runs[0]["wall_s"] is None else median_of(runs, "wall_s") / n_cases

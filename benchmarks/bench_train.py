@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from _workspace import BENCH_TRAINER, BENCH_TRAINER_SOURCE, CONFIGURATION, DATASET, NN_BIN, NNUNET_ID
-from common import OUR_PYTHON, Record, alternate, median_of, nnunet_device, our_env, ref_env
+from common import OUR_PYTHON, Record, alternate, median_of, nnunet_device, our_env, ref_env, run_json
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_SCRIPT = HERE / "_train_reference.py"
@@ -150,14 +150,6 @@ def worker_main() -> None:
 
 # --- orchestration ---------------------------------------------------------------------------------------------------
 
-def _run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-1500:]}\n"
-                           f"{result.stderr[-1500:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _guarded(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     """A side that fails is not run again: every later repeat returns the first error."""
     failure: list[str] = []
@@ -201,9 +193,9 @@ def run_step(args: Any) -> list[Record]:
     arch = write_architecture(plans, arch_path)
     n, warmup, threads = STEP_ITERATIONS[bool(args.quick)], STEP_WARMUP[bool(args.quick)], os.cpu_count() or 1
     timing = ["--warmup", str(warmup), "--iterations", str(n), "--threads", str(threads), "--device", args.device]
-    ours = _guarded(lambda: _run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--arch",
+    ours = _guarded(lambda: run_json([str(OUR_PYTHON), __file__, "--step-worker", "--plans", str(plans), "--arch",
                                        str(arch_path), *timing], our_env()))
-    theirs = _guarded(lambda: _run_json([str(NN_BIN / "python"), str(REFERENCE_SCRIPT), "--json",
+    theirs = _guarded(lambda: run_json([str(NN_BIN / "python"), str(REFERENCE_SCRIPT), "--json",
                                          "--arch", str(arch_path), *timing], ref_env()))
     ref_problem = ws.nnunet_problem
     runs = alternate({"decathlete": ours, **({} if ref_problem else {"reference": theirs})}, args.repeats)
@@ -255,7 +247,7 @@ def run_loop(args: Any) -> list[Record]:
 
     def ours() -> dict[str, Any]:
         shutil.rmtree(work / "models", ignore_errors=True)
-        r = _run_json([str(OUR_PYTHON), __file__, "--loop-worker", "--work", str(work), "--iterations", str(n),
+        r = run_json([str(OUR_PYTHON), __file__, "--loop-worker", "--work", str(work), "--iterations", str(n),
                        "--val-iterations", str(v), "--device", args.device], our_env())
         return {**r, "iterations_per_second": n / r["train_seconds"],
                 "epoch_iterations_per_second": (n + v) / r["epoch_seconds"]}

@@ -134,6 +134,15 @@ def run_checked(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a worker that prints its result as JSON on its last line; raise with its output if it fails."""
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-1500:]}\n"
+                           f"{result.stderr[-1500:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def subset_dataset(src: Path, dst: Path, n: int) -> Path:
     """Copy the first ``n`` training cases (outside the repository) so both systems see the same subset."""
     meta = json.loads((src / "dataset.json").read_text())
