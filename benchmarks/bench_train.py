@@ -23,7 +23,7 @@ Two measurements, each side in its own subprocess, the sides alternating, the me
     ``nnUNetTrainer`` with one epoch of N training and V validation iterations read from environment variables,
     timestamps, and no final sliding-window validation (untimed anyway). The figure is N / the training part of the
     epoch: nnU-Net's epoch start to its validation start; decathlete's ``epoch_seconds`` minus the time in its
-    validation function (the worker mode of this file wraps ``decathlete.train.trainer._validate`` with a timer and
+    validation function (the worker mode of this file wraps ``decathlete.train.trainer.validate_epoch`` with a timer and
     runs the CLI in-process).
     Both systems plan and preprocess beforehand (untimed, once per run in the shared ``Workspace``): ``decathlete
     plan`` + ``decathlete preprocess`` and nnU-Net's conversion, fingerprint, plan and ``nnUNetv2_preprocess -c
@@ -63,15 +63,16 @@ LOOP_REFERENCE = "nnUNetv2_train -device {}"
 
 def _architecture(plans_path: Path) -> dict[str, Any]:
     """What both networks are built from: the plan's stages, widths, kernels, strides, channels, batch and patch."""
+    from decathlete.labels import LabelScheme
     from decathlete.planning.plans import Plans
-    from decathlete.train.trainer import num_outputs
 
     plans = Plans.load(plans_path)
     config = plans.configuration(CONFIGURATION)
     kwargs = config.network.kwargs
+    n_out = LabelScheme.from_dataset(plans.dataset).num_outputs
     return {"features_per_stage": list(kwargs["features_per_stage"]),
             "kernel_sizes": [list(k) for k in kwargs["kernel_sizes"]], "strides": [list(s) for s in kwargs["strides"]],
-            "in_channels": len(plans.dataset["channel_names"]), "num_classes": num_outputs(plans),
+            "in_channels": len(plans.dataset["channel_names"]), "num_classes": n_out,
             "batch_size": config.batch_size, "patch_size": list(config.patch_size),
             "decathlete_network": {"name": config.network.name, "block": kwargs.get("block", "plain"),
                                    "n_blocks_per_stage": kwargs.get("n_blocks_per_stage", 2),
@@ -85,7 +86,7 @@ def _step_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from _train_reference import step_loop
     from decathlete.planning.plans import Plans
-    from decathlete.train.trainer import build_network
+    from decathlete.recipes.build import build_network
 
     plans = Plans.load(args.plans)
     torch.manual_seed(args.seed)
@@ -104,9 +105,9 @@ def _loop_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import decathlete.train.trainer as trainer
     from decathlete.cli import main
-    from decathlete.train.checkpoint import load_checkpoint
+    from decathlete.io.checkpoint import load_checkpoint
 
-    validate, val_seconds = trainer._validate, []
+    validate, val_seconds = trainer.validate_epoch, []
 
     def timed_validate(*a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def _loop_worker(args: argparse.Namespace) -> dict[str, Any]:
         val_seconds.append(time.perf_counter() - t0)
         return result
 
-    trainer._validate = timed_validate
+    trainer.validate_epoch = timed_validate
     rc = main(["train", str(args.work), "-c", CONFIGURATION, "-f", "0", "--epochs", "1", "--iterations-per-epoch",
                str(args.iterations), "--val-iterations", str(args.val_iterations), "--device", args.device])
     if rc != 0:

@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
+from decathlete.labels import LabelScheme
+from decathlete.losses.base import TrainingBatch
 from decathlete.losses.deep_supervision import downsample_target, ds_factors
+from decathlete.nets.base import NetOutput
 from decathlete.planning.plans import Plans
-from decathlete.recipes.default import get_recipe
-from decathlete.train.distributed import World
-from decathlete.train.steps import to_targets
-from decathlete.train.trainer import GRAD_CLIP, build_loss, build_network, build_optimizer
+from decathlete.recipes.base import Recipe, get_recipe
+from decathlete.recipes.build import build_loss, build_network, build_optimizer
 
 VARIANTS = ("baseline", "channels_last", "compile", "bf16", "threads_1")
 
@@ -51,23 +52,26 @@ def _setup(plans: Plans, configuration: str, variant: str, seed: int) -> dict[st
         fmt = torch.channels_last_3d if config.spatial_dims == 3 else torch.channels_last
         net = net.to(memory_format=fmt)
     model = torch.compile(net) if variant == "compile" else net
-    loss_fn = build_loss(get_recipe(plans.recipe), config, plans, World())
-    optimizer = build_optimizer(get_recipe(plans.recipe), net)
-    n_in, labels = len(plans.dataset["channel_names"]), plans.dataset["label_values"]
+    recipe = Recipe.from_dict(plans.recipe_settings) if plans.recipe_settings else get_recipe(plans.recipe)
+    loss_fn = build_loss(recipe, config, plans)
+    optimizer = build_optimizer(recipe, net)
+    labels = LabelScheme.from_dataset(plans.dataset)
+    n_in = len(plans.dataset["channel_names"])
     gen = torch.Generator().manual_seed(seed)
     shape = (config.batch_size, n_in, *config.patch_size)
     image = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
-    label = torch.randint(0, max(labels) + 1, (config.batch_size, 1, *config.patch_size), generator=gen)
-    targets = downsample_target(to_targets(label, plans.dataset.get("regions")), ds_factors(config.strides))
+    label = torch.randint(0, max(labels.label_values) + 1, (config.batch_size, 1, *config.patch_size), generator=gen)
+    batch = TrainingBatch(image, label, downsample_target(labels.targets(label), ds_factors(config.strides)))
     bf16 = variant == "bf16"
 
     def step() -> None:
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(image), targets)
+            loss = loss_fn(NetOutput.of(model(image)), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
         optimizer.step()
 
     def forward() -> None:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decathlete import registry  # noqa: E402
 from decathlete.planning import rules  # noqa: E402
-from decathlete.recipes.default import get_recipe  # noqa: E402
+from decathlete.recipes.base import get_recipe  # noqa: E402
 from test_planning import fake_fingerprint  # noqa: E402
 
 CASES = {

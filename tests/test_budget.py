@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from decathlete import api
+from decathlete.io.checkpoint import FINAL, load_checkpoint
 from decathlete.planning import budget
 from decathlete.planning.plans import Plans
+from decathlete.recipes.build import build_network
 from decathlete.synthetic import make_synthetic_dataset
 from decathlete.train import trainer as trainer_module
-from decathlete.train.checkpoint import FINAL, load_checkpoint
 from decathlete.train.clock import TrainingClock, refit_epochs
 from decathlete.train.distributed import World
-from decathlete.train.trainer import build_network, train
+from decathlete.train.trainer import TrainOptions, train
 
 SHAPE = (16, 40, 40)
 
@@ -75,13 +76,12 @@ def _fake_timer(per_sample: dict[int, float]):
     return time_step, calls
 
 
-def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path, monkeypatch) -> None:
+def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path) -> None:
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration("3d_fullres")
     # 600 s budget: 2000 steps need <= ~0.29 s/step at batch 2 -> width 16 (0.2 s) passes, 24 (0.4 s) does not.
     timer, calls = _fake_timer({8: 0.05, 12: 0.08, 16: 0.1, 24: 0.2, 32: 0.4})
-    monkeypatch.setattr(budget, "time_step", timer)
-    chosen = budget.fit_to_budget(config, plans, 600, torch.device("cpu"), log=lambda _: None)
+    chosen = budget.fit_to_budget(config, plans, 600, torch.device("cpu"), timer, log=lambda _: None)
     t = chosen.training
     assert t["base_features"] == 16 and chosen.features_per_stage[0] == 16
     assert calls[:4] == [(8, 2), (12, 2), (16, 2), (24, 2)]  # narrowest first, stops after the first too slow
@@ -98,25 +98,23 @@ def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path
     assert any("time budget" in n for n in chosen.notes)
 
 
-def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path, monkeypatch) -> None:
+def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path) -> None:
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration("3d_fullres")
     timer, _ = _fake_timer({8: 1e-4, 12: 1e-4, 16: 1e-4, 24: 1e-4, 32: 1e-4})
-    monkeypatch.setattr(budget, "time_step", timer)
-    chosen = budget.fit_to_budget(config, plans, 6 * 3600, torch.device("cpu"), log=lambda _: None)
+    chosen = budget.fit_to_budget(config, plans, 6 * 3600, torch.device("cpu"), timer, log=lambda _: None)
     assert chosen.features_per_stage == config.features_per_stage and chosen.batch_size == config.batch_size
     assert chosen.parameters == config.parameters
     assert chosen.training["iterations"] <= budget.MAX_ITERATIONS
 
 
-def test_fit_with_a_hopeless_budget_says_so(workdir: Path, monkeypatch) -> None:
+def test_fit_with_a_hopeless_budget_says_so(workdir: Path) -> None:
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration("3d_fullres")
     timer, _ = _fake_timer({w: 5.0 for w in (8, 12, 16, 24, 32)})
-    monkeypatch.setattr(budget, "time_step", timer)
     with pytest.raises(ValueError, match="does not hold one training step"):
-        budget.fit_to_budget(config, plans, 12, torch.device("cpu"), log=lambda _: None)
-    chosen = budget.fit_to_budget(config, plans, 300, torch.device("cpu"), log=lambda _: None)
+        budget.fit_to_budget(config, plans, 12, torch.device("cpu"), timer, log=lambda _: None)
+    chosen = budget.fit_to_budget(config, plans, 300, torch.device("cpu"), timer, log=lambda _: None)
     assert chosen.features_per_stage[0] == 8 and any("undertrained" in n for n in chosen.notes)
 
 
@@ -133,8 +131,8 @@ def test_real_probe_and_budget_training_end_to_end(workdir: Path, tmp_path: Path
     assert json.loads((work / "plans.json").read_text())["configurations"]["3d_fullres"]["training"] == t
     api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
     # Cap the run at 8 s, far below what the plan holds, to see the budget stop and the schedule anneal.
-    summary = train(work, "3d_fullres", 0, val_iterations=2, device="cpu", num_workers=0, progress=False,
-                    time_budget="8s")
+    summary = train(work, TrainOptions("3d_fullres", 0, val_iterations=2, device="cpu", num_workers=0,
+                                       progress=False, time_budget="8s"))
     assert summary["stopped_by_time_budget"] and summary["steps"] < t["iterations"]
     saved = load_checkpoint(Path(summary["folder"]) / FINAL)
     assert saved["settings"]["time_budget"] == 8 and saved["settings"]["recipe"]["epochs"] == t["epochs"]
@@ -189,8 +187,8 @@ def test_trainer_runs_the_refitted_number_of_epochs(workdir: Path, tmp_path: Pat
     work = tmp_path / "work"
     shutil.copytree(workdir, work)
     api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
-    summary = train(work, "3d_fullres", 0, epochs=1, iterations_per_epoch=2, val_iterations=1, device="cpu",
-                    num_workers=0, progress=False, time_budget="1h")
+    summary = train(work, TrainOptions("3d_fullres", 0, epochs=1, iterations_per_epoch=2, val_iterations=1,
+                                       device="cpu", num_workers=0, progress=False, time_budget="1h"))
     assert summary["epochs"] == 3 and summary["steps"] == 6 and not summary["stopped_by_time_budget"]
     assert calls[0] == (1, 1, 1) and [c[0] for c in calls] == [1, 2, 3]
     saved = load_checkpoint(Path(summary["folder"]) / FINAL)

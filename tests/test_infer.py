@@ -21,7 +21,7 @@ from decathlete.preprocess.cropping import paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_data, separate_axis_for
 from decathlete.synthetic import make_synthetic_dataset, synthetic_case
-from decathlete.train.trainer import train
+from decathlete.train.trainer import TrainOptions, train
 from synthetic import write_dicom_series
 
 TRAIN_SHAPE = (16, 40, 40)  # (z, y, x); the synthetic spacing is about (3.0, 1.2, 1.2) mm
@@ -53,7 +53,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "progress": False,
     }
     for config, fold in (("3d_fullres", 0), ("3d_fullres", 1), ("2d", 0)):
-        train(root / "work", config, fold, **kwargs)
+        train(root / "work", TrainOptions(config, fold, **kwargs))
     return root / "work"
 
 

@@ -10,7 +10,8 @@ import pytest
 from decathlete.nets.unet import DynamicUNet
 from decathlete.planning import rules
 from decathlete.planning.plans import Plans
-from decathlete.recipes.default import get_recipe
+from decathlete.recipes.base import get_recipe
+from decathlete.recipes.build import build_normalization
 
 
 def fake_fingerprint(shape, spacing, n_cases=20, channels=("MRI",), crop_fraction=1.0, labels=(0, 1, 2), jitter=0.0):
@@ -131,7 +132,7 @@ def test_lowres_planned_for_large_images() -> None:
 
 def test_ct_normalisation_and_nonzero_mask_rule() -> None:
     fp = fake_fingerprint((64, 64, 64), (1.0, 1.0, 1.0), channels=("CT", "T2"), crop_fraction=0.6)
-    norm = rules.normalization_specs(fp)
+    norm = build_normalization(get_recipe("default"), fp)
     assert norm[0] == {"scheme": "ct", "clip": [-1.0, 50.0], "mean": 10.0, "std": 2.0}
     assert norm[1] == {"scheme": "zscore", "use_nonzero_mask": True}
 

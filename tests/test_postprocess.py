@@ -22,7 +22,7 @@ from decathlete.infer.postprocess import (
 from decathlete.infer.predictor import Predictor
 from decathlete.io.images import Geometry, read_label, write_image
 from decathlete.synthetic import make_synthetic_dataset
-from decathlete.train.trainer import train
+from decathlete.train.trainer import TrainOptions, train
 
 
 def _blobs() -> np.ndarray:
@@ -98,8 +98,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     api.plan(data, root / "work", recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"])
     api.preprocess(root / "work", ["3d_fullres"], workers=1, progress=False)
     for fold in (0, 1):
-        train(root / "work", "3d_fullres", fold, epochs=2, iterations_per_epoch=8, val_iterations=1, device="cpu",
-              num_workers=0, progress=False)
+        train(root / "work", TrainOptions("3d_fullres", fold, epochs=2, iterations_per_epoch=8, val_iterations=1,
+                                          device="cpu", num_workers=0, progress=False))
     return root / "work"
 
 

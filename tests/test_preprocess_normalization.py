@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from decathlete import registry
 from decathlete.preprocess import normalization as norm
 
 
@@ -65,13 +66,22 @@ def test_empty_mask_and_constant_image_give_zeros() -> None:
     assert not norm.normalize(x, [{"scheme": "zscore"}]).any()
 
 
-def test_register_scheme() -> None:
-    @norm.register_scheme("test_double")
-    def double(channel, spec, mask=None):  # noqa: ANN001, ANN202 - signature of every scheme
-        return (channel * 2).astype(np.float32)
+def test_a_registered_normalizer_plans_and_applies() -> None:
+    @registry.register_normalizer("test_double")
+    class Double:
+        @staticmethod
+        def plan(stats, fingerprint, factor=2.0):  # noqa: ANN001, ANN205 - the protocol's signature
+            return {"scheme": "test_double", "factor": factor}
+
+        @staticmethod
+        def apply(channel, spec, mask=None):  # noqa: ANN001, ANN205
+            return (channel * spec["factor"]).astype(np.float32)
 
     try:
-        out = norm.normalize(np.ones((1, 2, 2, 2)), [{"scheme": "test_double"}])
-        assert np.all(out == 2)
+        spec = registry.get("normalizers", "test_double").plan({}, {}, factor=3.0)
+        out = norm.normalize(np.ones((1, 2, 2, 2)), [spec])
+        assert np.all(out == 3)
+        with pytest.raises(ValueError, match="unknown normalisation scheme 'nope'"):
+            norm.normalize(np.ones((1, 2, 2, 2)), [{"scheme": "nope"}])
     finally:
-        del norm.SCHEMES["test_double"]
+        registry.unregister("normalizers", "test_double")

@@ -49,8 +49,8 @@ def _checksum(arrays: list[np.ndarray]) -> dict[str, float]:
 
 def _fingerprint_recipe(root: Path, data: Path, big: Path, recipe: str) -> dict:
     from decathlete.infer.predictor import Predictor
+    from decathlete.io.checkpoint import FINAL, load_checkpoint
     from decathlete.io.datasets import load_dataset
-    from decathlete.train.checkpoint import FINAL, load_checkpoint
 
     work = root / recipe
     api.plan(data, work, recipe=recipe, workers=1, progress=False, configurations=["3d_fullres"])

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from decathlete import api
+from decathlete.io.checkpoint import FINAL, LATEST, load_checkpoint
 from decathlete.synthetic import make_synthetic_dataset
-from decathlete.train.checkpoint import FINAL, LATEST, load_checkpoint
-from decathlete.train.trainer import model_folder, train
+from decathlete.train.run import model_folder
+from decathlete.train.trainer import TrainOptions, train
 
 SHAPE = (16, 40, 40)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -49,8 +50,8 @@ def _fresh(workdir: Path, tmp_path: Path, name: str) -> Path:
 
 def test_training_learns_the_organ(workdir: Path, tmp_path: Path) -> None:
     work = _fresh(workdir, tmp_path, "learn")
-    summary = train(work, "3d_fullres", 0, epochs=3, iterations_per_epoch=10, val_iterations=4, device="cpu",
-                    num_workers=0, progress=False)
+    summary = train(work, TrainOptions("3d_fullres", 0, epochs=3, iterations_per_epoch=10, val_iterations=4,
+                                       device="cpu", num_workers=0, progress=False))
     folder = Path(summary["folder"])
     state = load_checkpoint(folder / FINAL)["state"]
     organ, _lesion = state["history"]["pseudo_dice_per_class"][-1]
@@ -68,12 +69,12 @@ def test_training_learns_the_organ(workdir: Path, tmp_path: Path) -> None:
 def test_refuses_to_overwrite_and_mismatched_resume(workdir: Path, tmp_path: Path) -> None:
     work = _fresh(workdir, tmp_path, "refuse")
     kwargs = {"iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu", "num_workers": 0, "progress": False}
-    train(work, "3d_fullres", 1, epochs=1, **kwargs)
+    train(work, TrainOptions("3d_fullres", 1, epochs=1, **kwargs))
     with pytest.raises(FileExistsError, match="--resume"):
-        train(work, "3d_fullres", 1, epochs=1, **kwargs)
+        train(work, TrainOptions("3d_fullres", 1, epochs=1, **kwargs))
     with pytest.raises(ValueError, match="recipe or seed differs"):
-        train(work, "3d_fullres", 1, epochs=2, resume=True, seed=1, **kwargs)
-    extended = train(work, "3d_fullres", 1, epochs=2, resume=True, **kwargs)  # a finished run grows by one epoch
+        train(work, TrainOptions("3d_fullres", 1, epochs=2, resume=True, seed=1, **kwargs))
+    extended = train(work, TrainOptions("3d_fullres", 1, epochs=2, resume=True, **kwargs))  # a finished run grows
     assert extended["epochs"] == 2 and extended["steps"] == 4
 
 

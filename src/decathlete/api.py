@@ -1,4 +1,4 @@
-"""The verbs of the command line as Python functions: ``validate``, ``plan``, ``preprocess``.
+"""The verbs of the command line as Python functions: ``validate``, ``plan``, ``preprocess``, ``train``.
 
 Each verb that reads a raw dataset validates it completely first, so bad input fails before any work, with every
 problem listed (``DatasetError``).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from decathlete.io.datasets import DatasetDescription
 from decathlete.io.validation import Problem, check_dataset, validate_dataset
 from decathlete.planning.budget import device_description, fit_to_budget, parse_duration
 from decathlete.planning.plans import Plans
-from decathlete.recipes.default import get_recipe
+from decathlete.recipes.base import resolve_recipe
+from decathlete.recipes.build import with_recipe_regions
 from decathlete.registry import get
 
 DATASET_SUMMARY_KEYS = ("name", "root", "layout", "channel_names", "labels", "regions", "regions_class_order",
@@ -35,17 +37,18 @@ def dataset_summary(desc: DatasetDescription) -> dict[str, Any]:
             "label_values": list(desc.label_values)}
 
 
-def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, planner: str = "nnunet",
+def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, planner: str | None = None,
          recipe: str = "default", workers: int = 1, progress: bool = True, time_budget: str | float | None = None,
-         device: str = "auto", configurations: Sequence[str] | None = None) -> Plans:
+         device: str = "auto", configurations: Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Plans:
     """Validate, fingerprint and plan; writes ``WORKDIR/fingerprint.json`` and ``WORKDIR/plans.json``.
 
     Args:
         dataset: raw dataset folder (MSD or nnU-Net v2 layout).
         workdir: output folder (created).
         gpu_memory_gb: memory budget the patch and batch are fitted to, in GiB.
-        planner: registered planner name.
+        planner: registered planner name (default: the recipe's).
         recipe: registered recipe name.
+        overrides: dotted recipe overrides (``planning.batch_size=1`` ...); the resolved recipe goes into the plans.
         workers: processes for validation and fingerprinting.
         progress: show progress bars.
         time_budget: wall-clock training budget per configuration (``"20m"``, ``"6h"`` or seconds): each
@@ -58,25 +61,29 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         DatasetError: listing every problem of the dataset, before anything is written.
     """
     budget_s = parse_duration(time_budget) if time_budget is not None else None  # a typo fails before the work
+    # a bad recipe, override or planner name fails before the long fingerprint step
+    chosen = resolve_recipe(recipe, [*overrides, *([f"planner={planner}"] if planner else [])])
     desc = check_dataset(dataset, workers=workers)
+    summary = with_recipe_regions(dataset_summary(desc), chosen)
     workdir = Path(workdir)
-    get("planners", planner)  # fail on a bad name before the long fingerprint step
-    chosen = get_recipe(recipe)
     fingerprint = compute_fingerprint(desc, workers=workers, progress=progress)
     save_fingerprint(fingerprint, workdir / "fingerprint.json")
-    plans = get("planners", planner)(fingerprint, dataset_summary(desc), chosen, gpu_memory_gb=gpu_memory_gb)
+    plans = get("planners", chosen.planner)(fingerprint, summary, chosen, gpu_memory_gb=gpu_memory_gb)
+    plans.recipe, plans.recipe_settings = chosen.name, chosen.to_dict()  # whatever the planner wrote
     if configurations:
         missing = [c for c in configurations if c not in plans.configurations]
         if missing:
             raise KeyError(f"the planner made no configuration {missing}; it made {', '.join(plans.configurations)}")
         plans.configurations = {k: v for k, v in plans.configurations.items() if k in configurations}
     if budget_s is not None:
-        from decathlete.train.trainer import resolve_device
+        from decathlete.devices import resolve_device
+        from decathlete.train.probe import time_step
 
         dev = resolve_device(device)
+        measure = partial(time_step, recipe=chosen)  # the step the trainer will run, timed on the device
         for name, config in plans.configurations.items():
             print(f"fitting {name} to a {budget_s:.0f} s budget on {device_description(dev)}")
-            plans.configurations[name] = fit_to_budget(config, plans, budget_s, dev)
+            plans.configurations[name] = fit_to_budget(config, plans, budget_s, dev, measure)
     plans.save(workdir / "plans.json")
     return plans
 
@@ -106,15 +113,17 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
     return results
 
 
-def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, **kwargs: Any
-          ) -> list[dict[str, Any]]:
+def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, *,
+          callbacks: Sequence[Any] = (), **options: Any) -> list[dict[str, Any]]:
     """Train one fold, or every fold of the splits with ``fold="all"``; returns one summary per fold.
 
-    Keyword arguments are those of :func:`decathlete.train.trainer.train` (``epochs``, ``iterations_per_epoch``,
-    ``device``, ``resume``, ``seed``, ``num_workers``, ...).
+    Keyword arguments are the fields of :class:`decathlete.train.trainer.TrainOptions` (``recipe``, ``overrides``,
+    ``epochs``, ``device``, ``resume``, ``seed``, ``model_dir`` ...); ``callbacks`` receive every epoch's report.
     """
-    from decathlete.train.trainer import fold_count
+    from decathlete.data.splits import fold_count
+    from decathlete.train.trainer import TrainOptions
     from decathlete.train.trainer import train as train_fold
 
     folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
-    return [train_fold(workdir, configuration, k, **kwargs) for k in folds]
+    return [train_fold(workdir, TrainOptions(configuration=configuration, fold=k, **options), callbacks)
+            for k in folds]

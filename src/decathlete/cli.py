@@ -22,6 +22,12 @@ def _workers(value: str) -> int:
     return n
 
 
+def _add_set(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help=f"override a recipe field by its dotted name, repeatable (e.g. {what}); the value is JSON or "
+                        "a plain string")
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a raw dataset; lists every problem with its case id and a fix",
                        description="Check a raw dataset (MSD or nnU-Net v2 layout) without writing anything. "
@@ -41,8 +47,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="WORKDIR", help="work folder to write the plans into")
     p.add_argument("--gpu-memory", type=float, default=8.0, metavar="GiB",
                    help="memory budget the patch and batch size are fitted to (default 8)")
-    p.add_argument("--planner", default="nnunet", help="registered planner (see `decathlete list planners`)")
+    p.add_argument("--planner", help="registered planner (default: the recipe's; see `decathlete list planners`)")
     p.add_argument("--recipe", default="default", help="registered recipe (see `decathlete list recipes`)")
+    _add_set(p, "planning.batch_size=1 or planning.target_spacing=[2.5,0.8,0.8]")
     p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
                    help="processes for validation and fingerprinting")
     p.add_argument("--time-budget", metavar="DURATION",
@@ -68,7 +75,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_list(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="show registered networks, losses, recipes or planners",
+    p = sub.add_parser("list", help="show registered recipes, networks, layers, losses, planners, samplers ...",
                        description="Show what is registered, including components of plugins loaded with --plugin.")
     p.add_argument("kind", nargs="?", choices=registry.KINDS, help="what to list (default: everything)")
     p.add_argument("--pattern", default="*", help="shell-style wildcard on names")
@@ -85,6 +92,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
     p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
     p.add_argument("--recipe", help="registered recipe (default: the one the plans were made with)")
+    _add_set(p, "optimizer.lr=3e-4 or augment.p_elastic=0.2")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="folder for fold_<k>/ (default WORKDIR/models/<config>/<recipe>); one per run of a recipe")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--iterations-per-epoch", type=int, help="optimiser steps per epoch (default: the recipe's)")
     p.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch (default 50)")
@@ -107,10 +117,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     folds = args.fold
     for summary in train(args.workdir, args.configuration, folds if folds == "all" else int(folds),
-                         recipe=args.recipe, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
-                         val_iterations=args.val_iterations, device=args.device, resume=args.resume, seed=args.seed,
-                         num_workers=args.workers, compile=args.compile,
-                         time_budget=args.time_budget):
+                         recipe=args.recipe, overrides=args.overrides, epochs=args.epochs,
+                         iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,
+                         device=args.device, resume=args.resume, seed=args.seed, num_workers=args.workers,
+                         compile=args.compile, time_budget=args.time_budget, model_dir=args.output):
         print(json.dumps(summary))
     return 0
 
@@ -122,6 +132,7 @@ def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_hel
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--recipe", help="recipe folder to use when several were trained")
     p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
+    _add_set(p, "inference.tile_weighting=constant; only inference.* settings of the model's recipe")
     p.add_argument("--no-whole-volume", action="store_true",
                    help="always tile (nnU-Net's way), even an image only a little larger than the patch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -143,7 +154,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", required=True, metavar="WORKDIR",
                    help="work folder (or WORKDIR/models/<config>/<recipe>) holding the trained folds")
     _add_model_options(p, default_folds="0", folds_help="folds to ensemble, or 'all' (default: 0)")
-    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--step", type=float, help="sliding-window step as a fraction of the patch (default: the "
+                   "recipe's inference.step, 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write OUT/<case>.npz with probabilities")
     p.add_argument("--no-postprocessing", action="store_true",
                    help="ignore the model's postprocessing.json (written by `decathlete crossval`)")
@@ -156,9 +168,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     folds = _folds(args)
     summary = predict_folder(args.input, args.output, args.model, args.configuration, folds,
                              overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                             checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
-                             recipe=args.recipe, postprocess=not args.no_postprocessing,
-                             whole_volume=not args.no_whole_volume)
+                             checkpoint=args.checkpoint, device=args.device, tta=False if args.no_tta else None,
+                             step=args.step, recipe=args.recipe, postprocess=not args.no_postprocessing,
+                             whole_volume=not args.no_whole_volume, overrides=args.overrides)
     summary.pop("outputs", None)
     print(json.dumps(summary, default=str))
     return 0
@@ -183,8 +195,9 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 
     folds = _folds(args)
     result = cross_validate(args.workdir, args.configuration, folds, recipe=args.recipe, checkpoint=args.checkpoint,
-                            device=args.device, tta=not args.no_tta, workers=args.workers, overwrite=args.overwrite,
-                            whole_volume=not args.no_whole_volume)
+                            device=args.device, tta=False if args.no_tta else None, workers=args.workers,
+                            overwrite=args.overwrite, whole_volume=not args.no_whole_volume,
+                            overrides=args.overrides)
     for name, values in result["mean"].items():
         print(f"{name:>16s}  Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
     pp = result["postprocessing"]
@@ -261,7 +274,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     plans = plan(args.dataset, args.output, gpu_memory_gb=args.gpu_memory, planner=args.planner,
                  recipe=args.recipe, workers=args.workers, time_budget=args.time_budget, device=args.device,
-                 configurations=args.configurations)
+                 configurations=args.configurations, overrides=args.overrides)
     for name, c in plans.configurations.items():
         print(f"{name:11s} spacing {_fmt(c.spacing)}  patch {_fmt(c.patch_size)}  batch {c.batch_size}  "
               f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.1f} GiB  "

@@ -17,22 +17,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from decathlete.evaluate import evaluate_pairs, labels_from_dataset_json
+from decathlete.data.splits import fold_split
+from decathlete.evaluate import evaluate_pairs
 from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
 from decathlete.infer.predictor import Predictor, resolve_fold_dirs
 from decathlete.io.atomic import write_json_atomic
+from decathlete.io.checkpoint import FINAL
 from decathlete.io.datasets import load_dataset
 from decathlete.io.images import read_label, write_image
+from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
-from decathlete.train.checkpoint import FINAL
-from decathlete.train.trainer import fold_split
 
 
 def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
-                   recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool = True,
-                   step: float = 0.5, workers: int = 1, overwrite: bool = False, progress: bool = True,
-                   whole_volume: bool = True) -> dict[str, Any]:
+                   recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None,
+                   step: float | None = None, workers: int = 1, overwrite: bool = False, progress: bool = True,
+                   whole_volume: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Predict, score and choose postprocessing (module docstring); returns the key figures.
+
+    ``tta``, ``step`` and ``overrides`` (``inference.*`` only) default to the model's recipe.
 
     Returns:
         ``{"folds", "n_cases", "mean", "foreground_mean", "postprocessing", "postprocessed_mean", "folder"}``.
@@ -43,14 +46,15 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
     plans = Plans.load(fold_dirs[0] / "plans.json")
     dataset = load_dataset(plans.dataset["root"])
     cases = {c.id: c for c in dataset.training}
-    labels = labels_from_dataset_json(dataset.root)
+    labels = LabelScheme.from_dataset(plans.dataset).evaluation_labels()  # regions, for region-based models
     pairs: list[tuple[str, Path, Path]] = []
     for fold_dir in fold_dirs:
         fold = int(fold_dir.name.split("_")[1])
         val_ids = fold_split(workdir, plans, fold)["val"]
         out = fold_dir / "validation"
         predictor = Predictor(workdir, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
-                              step=step, recipe=root.name, postprocess=False, whole_volume=whole_volume)
+                              step=step, recipe=root.name, postprocess=False, whole_volume=whole_volume,
+                              overrides=overrides)
         done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                        progress=progress)
         fold_pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]

@@ -49,7 +49,6 @@ def run_demo(workdir: str | Path = "demo_work", data: str | Path | None = None, 
     from decathlete.infer.predictor import predict_folder
     from decathlete.io.datasets import load_dataset
     from decathlete.report import write_report
-    from decathlete.train.trainer import train
 
     workdir = Path(workdir)
     timings: dict[str, float] = {}
@@ -77,7 +76,7 @@ def run_demo(workdir: str | Path = "demo_work", data: str | Path | None = None, 
     lap("plan")
     api.preprocess(workdir, ["3d_fullres"], workers=workers)
     lap("preprocess")
-    fold = train(workdir, "3d_fullres", 0, device=device, resume=resume)
+    [fold] = api.train(workdir, "3d_fullres", 0, device=device, resume=resume)
     lap("train")
     held_out = json.loads((workdir / "splits.json").read_text())[0]["val"]
     images, labels = _held_out_links(load_dataset(data), held_out, workdir)

@@ -1,4 +1,5 @@
-"""One registry for every pluggable component: networks, losses, recipes, planners and samplers.
+"""One registry for every pluggable component: networks, layers, losses, recipes, planners, samplers, schedules,
+optimisers, augmentation presets, normalisation schemes and inference tile weightings.
 
 A component registers itself with a decorator when its module is imported (the timm pattern), so nothing
 scans folders and nothing reads environment variables. Plans store the registry *key* plus JSON kwargs,
@@ -13,20 +14,28 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-KINDS = ("nets", "losses", "recipes", "planners", "samplers", "schedules")
+KINDS = ("recipes", "nets", "convs", "norms", "activations", "losses", "optimizers", "schedules", "planners",
+         "normalizers", "augmentations", "samplers", "tile_weights")
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 _PLUGINS: list[str] = []
 
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
+    "recipes": ("decathlete.recipes.default",),
     "nets": ("decathlete.nets.unet",),
+    "convs": ("decathlete.nets.layers",),
+    "norms": ("decathlete.nets.layers",),
+    "activations": ("decathlete.nets.layers",),
     "losses": ("decathlete.losses.dice", "decathlete.losses.ce", "decathlete.losses.compound",
                "decathlete.losses.deep_supervision"),
-    "recipes": ("decathlete.recipes.default",),
-    "planners": ("decathlete.planning.rules",),
-    "samplers": (),
+    "optimizers": ("decathlete.train.optimizers",),
     "schedules": ("decathlete.train.schedules",),
+    "planners": ("decathlete.planning.rules",),
+    "normalizers": ("decathlete.preprocess.normalization",),
+    "augmentations": ("decathlete.augment.presets",),
+    "samplers": ("decathlete.data.sampling",),
+    "tile_weights": ("decathlete.infer.tile_weights",),
 }
 
 
@@ -62,13 +71,40 @@ def register_planner(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 def register_sampler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a patch sampler under ``name``."""
+    """Register a patch sampler class under ``name`` (see `decathlete.data.sampling.PatchSampler` for the protocol)."""
     return _register("samplers", name)
 
 
 def register_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a learning-rate schedule factory ``(**kwargs) -> (step, total) -> factor`` under ``name``."""
     return _register("schedules", name)
+
+
+def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an optimiser class or factory ``(params, **kwargs) -> torch.optim.Optimizer`` under ``name``."""
+    return _register("optimizers", name)
+
+
+def register_normalizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an intensity normalisation scheme (``plan`` + ``apply``, see `decathlete.preprocess.normalization`)."""
+    return _register("normalizers", name)
+
+
+def register_augmentation(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an augmentation preset ``(configuration) -> AugmentConfig`` under ``name``."""
+    return _register("augmentations", name)
+
+
+def register_tile_weights(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an inference tile weighting ``(patch_size, **kwargs) -> weight map tensor`` under ``name``."""
+    return _register("tile_weights", name)
+
+
+def register_layer(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a layer builder of ``kind`` ``convs``, ``norms`` or ``activations`` (see `decathlete.nets.layers`)."""
+    if kind not in ("convs", "norms", "activations"):
+        raise KeyError(f"layer kind must be convs, norms or activations, got '{kind}'")
+    return _register(kind, name)
 
 
 def _load_builtins(kind: str) -> None:
@@ -120,3 +156,8 @@ def names(kind: str, pattern: str = "*") -> list[str]:
     """Registered names of ``kind`` matching a shell-style wildcard, sorted."""
     _load_builtins(kind)
     return sorted(n for n in _REGISTRY[kind] if fnmatch.fnmatch(n, pattern))
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove ``name`` of ``kind`` (tests that register throw-away components clean up with it)."""
+    _REGISTRY[kind].pop(name, None)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from decathlete.preprocess import cache
+from decathlete.registry import register_sampler
 
 
 def crop_with_padding(
@@ -83,11 +84,17 @@ class _OpenCase:
     shape: tuple[int, int, int]
 
 
+@register_sampler("patch")
 class PatchSampler:
     """Draws batches of training crops from preprocessed cases (see the module docstring for the rules).
 
     Picklable at any time: open case handles live in a per-process cache that is dropped when pickled or forked, so
     one sampler can be handed to DataLoader workers started with "fork", "forkserver" or "spawn".
+
+    The sampler protocol (registry kind ``samplers``): built with the keyword arguments below (the trainer passes
+    ``case_dir``, ``case_ids``, ``input_size``, ``patch_size``, ``spatial_dims`` and ``slice_axis``; a recipe's
+    ``sampler`` kwargs add the rest), it answers ``sample_batch(batch_size, rng)``. A subclass changes one decision by
+    overriding `choose_case` (which case a sample comes from) or `force_foreground`.
 
     Args:
         case_dir: configuration folder of the preprocessed cache.
@@ -165,6 +172,14 @@ class PatchSampler:
             self._open.popitem(last=False)
         return case
 
+    def choose_case(self, rng: np.random.Generator) -> str:
+        """The case the next sample is cut from: uniformly random, as nnU-Net."""
+        return self.case_ids[int(rng.integers(len(self.case_ids)))]
+
+    def case_properties(self, case_id: str) -> dict[str, Any] | None:
+        """The cached case's properties (shapes, voxels per label ...; `decathlete.preprocess.pipeline`), or None."""
+        return cache.read_properties(self.case_dir, case_id)
+
     def force_foreground(self, sample_index: int, batch_size: int, rng: np.random.Generator) -> bool:
         """Whether sample ``sample_index`` of a batch must contain foreground (nnU-Net's ``get_do_oversample``)."""
         if self.probabilistic_oversampling:
@@ -237,7 +252,7 @@ class PatchSampler:
         if self.spatial_dims == 2:
             size3.insert(self.slice_axis, 1)
         for i in range(batch_size):
-            case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
+            case_id = self.choose_case(rng)
             case = self._case(case_id)
             forced = self.force_foreground(i, batch_size, rng)
             start, cls, index = self._window(case, forced, rng)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from decathlete.io.atomic import write_json_atomic
+from decathlete.planning.plans import Plans
 
 DEFAULT_FOLDS = 5
 SPLIT_SEED = 12345
@@ -45,3 +46,32 @@ def load_or_create_splits(workdir: str | Path, case_ids: Sequence[str], user_spl
     splits = make_splits(case_ids, n_folds)
     write_json_atomic(path, splits)
     return splits
+
+
+def preprocessed_ids(workdir: str | Path, plans: Plans) -> list[str]:
+    """Every case preprocessed for any configuration of the plans (the ids the splits cover)."""
+    from decathlete.preprocess.cache import list_cases
+
+    ids: set[str] = set()
+    for config in plans.configurations.values():
+        folder = Path(workdir) / "preprocessed" / config.data_identifier
+        if folder.is_dir():
+            ids.update(list_cases(folder))
+    if not ids:
+        raise FileNotFoundError(f"no preprocessed cases under {Path(workdir) / 'preprocessed'}; run "
+                                f"`decathlete preprocess {workdir}` first")
+    return sorted(ids)
+
+
+def fold_split(workdir: str | Path, plans: Plans, fold: int) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}`` of one fold (the splits are created when missing)."""
+    splits = load_or_create_splits(workdir, preprocessed_ids(workdir, plans), plans.dataset.get("splits"))
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold {fold} does not exist: the splits have folds 0..{len(splits) - 1}")
+    return splits[fold]
+
+
+def fold_count(workdir: str | Path) -> int:
+    """Number of cross-validation folds of the work folder's splits (created when missing)."""
+    plans = Plans.load(Path(workdir) / "plans.json")
+    return len(load_or_create_splits(workdir, preprocessed_ids(workdir, plans), plans.dataset.get("splits")))

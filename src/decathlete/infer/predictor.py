@@ -39,17 +39,21 @@ import torch
 from tqdm.auto import tqdm
 
 from decathlete import registry
+from decathlete.devices import memory_format, resolve_device
 from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
+from decathlete.io.checkpoint import FINAL, load_checkpoint
 from decathlete.io.images import Geometry, write_image
-from decathlete.planning.plans import Configuration, Plans
+from decathlete.labels import LabelScheme
+from decathlete.nets.base import set_deep_supervision
+from decathlete.planning.plans import Plans
 from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
-from decathlete.train.checkpoint import FINAL, load_checkpoint
-from decathlete.train.trainer import augmentation_for, build_network, memory_format, num_outputs, resolve_device
+from decathlete.recipes import build
+from decathlete.recipes.base import Recipe, RecipeError, get_recipe, saved_recipe, validate
 
 
 def resolve_fold_dirs(
@@ -92,12 +96,24 @@ def resolve_fold_dirs(
     return found
 
 
-def default_mirror_axes(config: Configuration) -> tuple[int, ...]:
-    """The patch axes mirrored in training (nnU-Net: all of them), so TTA only uses flips the network has seen."""
-    aug, _ = augmentation_for(config)
-    if aug.p_mirror <= 0:
-        return ()
-    return tuple(range(config.spatial_dims)) if aug.mirror_axes is None else tuple(aug.mirror_axes)
+def model_recipe(fold_dirs: Sequence[Path], plans: Plans, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe the folds were trained with (their ``recipe.json``; for older folders without one, the plans'),
+    with ``inference.*`` overrides only: everything else is what the model learned with.
+
+    Raises:
+        RecipeError: folds trained with different networks or inference settings, or an override outside
+            ``inference``.
+    """
+    outside = [o for o in overrides if not o.strip().startswith("inference.")]
+    if outside:
+        raise RecipeError(f"a trained model can only change inference.* settings, not {', '.join(outside)}")
+    recipes = [saved_recipe(d) for d in fold_dirs]
+    if recipes[0] is None:
+        recipes[0] = Recipe.from_dict(plans.recipe_settings) if plans.recipe_settings else get_recipe(plans.recipe)
+    for d, other in zip(fold_dirs[1:], recipes[1:]):
+        if other is not None and recipes[0].differences(other, ("net", "regions", "inference")):
+            raise RecipeError(f"{d} was trained with another network or inference settings than {fold_dirs[0]}")
+    return validate(recipes[0].with_overrides(overrides))
 
 
 def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any], class_values: Sequence[int],
@@ -144,15 +160,6 @@ def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any
     return paste_into_bbox(label, bbox, full_shape, fill=0), full
 
 
-def _activate_(logits: torch.Tensor, region_based: bool) -> torch.Tensor:
-    """Softmax over the class axis 0 (sigmoid for regions), in place: no second K x volume tensor."""
-    if region_based:
-        return logits.sigmoid_()
-    logits -= logits.amax(0, keepdim=True)
-    logits.exp_()
-    return logits.div_(logits.sum(0, keepdim=True))
-
-
 class Predictor:
     """A trained model (one or several folds) ready to segment raw images.
 
@@ -162,9 +169,10 @@ class Predictor:
         folds: folds to ensemble; ``"all"`` = every trained fold.
         checkpoint: checkpoint file name in each fold folder.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
-        tta: mirroring test-time augmentation over the axes mirrored in training.
-        step: sliding-window tile distance as a fraction of the patch.
+        tta: mirroring test-time augmentation (None: the recipe's ``inference.tta``, on by default).
+        step: sliding-window tile distance as a fraction of the patch (None: the recipe's ``inference.step``).
         recipe: recipe folder in a work folder (None: the plans' recipe or the only one).
+        overrides: ``inference.*`` overrides of the model's recipe (``inference.tile_weighting=constant`` ...).
         mirror_axes: override the TTA axes (patch axes, 0 = z in 3D); ignored without ``tta``.
         batch_tiles: tiles per forward pass (None: automatic).
         postprocess: apply the model's ``postprocessing.json`` (written by ``decathlete crossval``) when there is one.
@@ -174,9 +182,9 @@ class Predictor:
     """
 
     def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
-                 checkpoint: str = FINAL, device: str = "auto", tta: bool = True, step: float = 0.5,
-                 recipe: str | None = None, *, mirror_axes: Sequence[int] | None = None,
-                 batch_tiles: int | None = None, postprocess: bool = True,
+                 checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None, step: float | None = None,
+                 recipe: str | None = None, *, overrides: Sequence[str] = (),
+                 mirror_axes: Sequence[int] | None = None, batch_tiles: int | None = None, postprocess: bool = True,
                  whole_volume: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
@@ -184,40 +192,42 @@ class Predictor:
         for d in self.fold_dirs[1:]:
             if asdict(Plans.load(d / "plans.json").configuration(configuration)) != asdict(self.config):
                 raise ValueError(f"{d} was trained with a different '{configuration}' plan than {self.fold_dirs[0]}")
+        for d in self.fold_dirs:  # the network, loss or tile weighting may come from the user's package
+            run = d / "run.json"
+            for package in json.loads(run.read_text()).get("plugins", []) if run.is_file() else []:
+                registry.load_plugin(package)
+        self.recipe = model_recipe(self.fold_dirs, self.plans, overrides)
+        inference = self.recipe.inference
         self.device = resolve_device(device)
-        self.step, self.batch_tiles = step, batch_tiles
+        self.step = inference.step if step is None else step
+        self.batch_tiles = batch_tiles
         self.divisor = [math.prod(s[a] for s in self.config.strides) for a in range(len(self.config.patch_size))]
         self.whole_volume = whole_volume
-        axes = default_mirror_axes(self.config) if mirror_axes is None else tuple(mirror_axes)
-        self.mirror_axes = axes if tta else ()
-        dataset = self.plans.dataset
-        self.region_based = bool(dataset.get("regions"))
-        self.class_values = [
-            int(v) for v in (dataset["regions_class_order"] if self.region_based else dataset["label_values"])
-        ]
-        self.n_channels = len(dataset["channel_names"])
-        self.num_classes = num_outputs(self.plans)
+        self.tile_weights = build.build_tile_weights(self.recipe)
+        axes = build.mirror_axes(self.recipe, self.config) if mirror_axes is None else tuple(mirror_axes)
+        self.mirror_axes = axes if (inference.tta if tta is None else tta) else ()
+        self.labels = LabelScheme.from_dataset(self.plans.dataset)
+        self.region_based, self.class_values = self.labels.region_based, self.labels.output_values
+        self.n_channels = len(self.plans.dataset["channel_names"])
+        self.num_classes = self.labels.num_outputs
         # Preprocessing reads exactly the JSON the training cache was made from.
         self.preprocessing = json.loads(json.dumps(asdict(self.config)))
         self.networks = [self._load(d, checkpoint) for d in self.fold_dirs]
         self.postprocessing = load_postprocessing(self.fold_dirs[0].parent) if postprocess else None
 
     def _load(self, fold_dir: Path, checkpoint: str) -> torch.nn.Module:
-        run = fold_dir / "run.json"
-        for package in json.loads(run.read_text()).get("plugins", []) if run.is_file() else []:
-            registry.load_plugin(package)  # the network may come from the user's package
         state = load_checkpoint(fold_dir / checkpoint)
-        net = build_network(self.config, self.plans)
+        net = build.build_network(self.config, self.plans)
         net.load_state_dict(state["model"])
-        if hasattr(net, "deep_supervision"):
-            net.deep_supervision = False  # only the full-resolution head is used: skip the others
+        set_deep_supervision(net, False)  # only the full-resolution head is used: skip the others
         return net.to(self.device, memory_format=memory_format(self.device, self.config.spatial_dims)).eval()
 
     def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         axis = int(self.config.resampling.get("slice_axis", 0))
         run = partial(sliding_window_predict, net, image, self.config.patch_size, self.num_classes, self.step,
                       self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis,
-                      whole_volume_divisor=self.divisor if self.whole_volume else None)  # fmt: skip
+                      whole_volume_divisor=self.divisor if self.whole_volume else None,
+                      tile_weights=self.tile_weights)  # fmt: skip
         if self.device.type == "cuda":
             try:
                 return run(accumulate_device=self.device)
@@ -232,7 +242,7 @@ class Predictor:
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total = None
         for net in self.networks:
-            probs = _activate_(self._sliding_window(net, image), self.region_based).cpu()
+            probs = self.labels.activate_(self._sliding_window(net, image)).cpu()
             total = probs if total is None else total.add_(probs)
         assert total is not None
         return total.div_(len(self.networks)).numpy()

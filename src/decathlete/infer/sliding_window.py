@@ -2,7 +2,8 @@
 
 The image is covered by patch-sized tiles overlapping by ``1 - step`` (0.5 of the patch by default). Each tile's
 logits are weighted by a Gaussian centred on the tile (sigma = patch / 8), added into a volume, and the sum is
-divided by the summed weights: voxels near a tile border, where the network sees little context, count less.
+divided by the summed weights: voxels near a tile border, where the network sees little context, count less. A
+recipe may choose another weighting (``inference.tile_weighting``, `decathlete.infer.tile_weights`).
 
 Details:
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -145,6 +146,7 @@ def sliding_window_predict(
     accumulate_device: torch.device | str | None = None,
     slice_axis: int = 0,
     whole_volume_divisor: Sequence[int] | None = None,
+    tile_weights: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits for a whole preprocessed image by Gaussian-weighted sliding-window inference.
 
@@ -162,6 +164,7 @@ def sliding_window_predict(
         slice_axis: 2D networks only: the image axis (0 = z) predicted slice by slice.
         whole_volume_divisor: per patch axis, what the network's input must be divisible by (the product of its
             strides); given, a small image runs as one forward pass when that is cheaper (`whole_volume_patch`).
+        tile_weights: ``patch -> weight map`` of a tile (`decathlete.infer.tile_weights`); None = the Gaussian.
 
     Returns:
         float32 logits ``(K, z, y, x)`` on ``accumulate_device``, made under ``torch.inference_mode`` (clone before
@@ -183,7 +186,8 @@ def sliding_window_predict(
     if whole_volume_divisor is not None and dims == spatial:
         patch = whole_volume_patch(stack.shape[2:], patch, whole_volume_divisor, step) or patch
     batch = batch_tiles or _auto_batch(patch)
-    logits = _predict_stack(net, stack, patch, num_classes, step, batch, tuple(mirror_axes), device, acc)
+    weights = tile_weights or gaussian_importance
+    logits = _predict_stack(net, stack, patch, num_classes, step, batch, tuple(mirror_axes), device, acc, weights)
     return logits[0] if dims == spatial else logits.movedim(0, 1 + slice_axis).contiguous()
 
 
@@ -197,6 +201,7 @@ def _predict_stack(
     mirror_axes: tuple[int, ...],
     device: torch.device,
     acc: torch.device,
+    tile_weights: Callable[[Sequence[int]], torch.Tensor],
 ) -> torch.Tensor:
     """Sliding window over each of the N images of ``stack`` ``(N, C, *spatial)``; returns ``(N, K, *spatial)``."""
     pads = _padding(stack.shape[2:], patch)
@@ -209,7 +214,7 @@ def _predict_stack(
     single = len(positions) == 1  # the whole (padded) image is one tile: no weighting, no overlap
     n = stack.shape[0]
     out = torch.zeros((n, num_classes, *shape), dtype=torch.float32, device=acc)
-    gaussian = None if single else gaussian_importance(patch, device=acc)
+    tile_map = None if single else tile_weights(patch).to(device=acc, dtype=torch.float32)
     items = [(i, pos) for pos in positions for i in range(n)]  # neighbouring 2D slices at one position batch together
     use_amp = device.type == "cuda"
     for b in range(0, len(items), batch):
@@ -227,11 +232,11 @@ def _predict_stack(
             if single:
                 out[i] = tile_logits
             else:
-                out[i][(slice(None), *sl)] += tile_logits * gaussian
+                out[i][(slice(None), *sl)] += tile_logits * tile_map
     if not single:
         weight = torch.zeros(shape, dtype=torch.float32, device=acc)
         for pos in positions:
-            weight[_tile(pos, patch)] += gaussian
+            weight[_tile(pos, patch)] += tile_map
         out /= weight
     if not padded:
         return out

@@ -1,22 +1,22 @@
-"""Layer factories: a norm, activation or convolution is named by a string or a ``(name, kwargs)`` pair.
+"""Layer specs: a convolution, norm or activation is named by a string or a ``(name, kwargs)`` pair.
 
 Keeping layer choices as data (the MONAI factory idea) keeps network arguments JSON-serialisable, so plans.json can
-describe a network completely without import paths.
+describe a network completely without import paths. The names are registry entries of the kinds ``convs``, ``norms``
+and ``activations``: a block built with ``make_conv(conv, ...)`` takes another convolution (a factorised one, say)
+by changing the spec, and a plugin adds its own with ``register_layer``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Union
 
 from torch import nn
 
+from decathlete.registry import get, register_layer
+
 LayerSpec = Union[str, tuple[str, dict[str, Any]], list[Any], None]
 
-_NORMS = {
-    "instance": {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
-    "batch": {2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
-}
-_ACTS = {"leakyrelu": nn.LeakyReLU, "relu": nn.ReLU, "gelu": nn.GELU, "prelu": nn.PReLU, "identity": nn.Identity}
 _CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -31,35 +31,72 @@ def split_spec(spec: LayerSpec) -> tuple[str | None, dict[str, Any]]:
     return str(name).lower(), dict(kwargs or {})
 
 
-def make_norm(spec: LayerSpec, channels: int, spatial_dims: int) -> nn.Module:
-    """Build a normalisation layer; ``group`` takes ``groups`` (default 8), the others the torch kwargs."""
-    name, kwargs = split_spec(spec)
-    if name is None or name == "none":
-        return nn.Identity()
-    if name == "group":
-        groups = kwargs.pop("groups", 8)
-        return nn.GroupNorm(min(groups, channels), channels, **kwargs)
-    if name not in _NORMS:
-        raise KeyError(f"unknown norm '{name}'; choose one of group, none, {', '.join(sorted(_NORMS))}")
-    return _NORMS[name][spatial_dims](channels, **kwargs)
-
-
-def make_act(spec: LayerSpec) -> nn.Module:
-    """Build an activation; LeakyReLU defaults to nnU-Net's slope 0.01 and runs in place."""
-    name, kwargs = split_spec(spec)
-    if name is None:
-        return nn.Identity()
-    if name not in _ACTS:
-        raise KeyError(f"unknown activation '{name}'; choose one of {', '.join(sorted(_ACTS))}")
-    if name == "leakyrelu":
-        kwargs = {"negative_slope": 0.01, "inplace": True, **kwargs}
-    elif name == "relu":
-        kwargs = {"inplace": True, **kwargs}
-    return _ACTS[name](**kwargs)
-
-
 def conv_class(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
     """The torch convolution class for 2D or 3D."""
     if spatial_dims not in _CONVS:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     return (_TRANSPOSED if transposed else _CONVS)[spatial_dims]
+
+
+@register_layer("convs", "conv")
+def standard_conv(spatial_dims: int, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int],
+                  bias: bool = False) -> nn.Module:
+    """A plain 2D/3D convolution with ``kernel // 2`` padding ("same" size at stride 1)."""
+    padding = tuple(int(k) // 2 for k in kernel)
+    return conv_class(spatial_dims)(c_in, c_out, tuple(kernel), tuple(stride), padding, bias=bias)
+
+
+def make_conv(spec: LayerSpec, spatial_dims: int, c_in: int, c_out: int, kernel: Sequence[int],
+              stride: Sequence[int], bias: bool = False) -> nn.Module:
+    """Build the convolution ``spec`` names (default ``conv``): same-size padding, ``kernel``/``stride`` per axis."""
+    name, kwargs = split_spec(spec)
+    return get("convs", name or "conv")(spatial_dims, c_in, c_out, kernel, stride, bias=bias, **kwargs)
+
+
+@register_layer("norms", "instance")
+def instance_norm(channels: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, **kwargs)
+
+
+@register_layer("norms", "batch")
+def batch_norm(channels: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
+    return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels, **kwargs)
+
+
+@register_layer("norms", "group")
+def group_norm(channels: int, spatial_dims: int, groups: int = 8, **kwargs: Any) -> nn.Module:
+    """GroupNorm with ``groups`` groups (fewer when there are fewer channels)."""
+    return nn.GroupNorm(min(groups, channels), channels, **kwargs)
+
+
+@register_layer("norms", "none")
+def no_norm(channels: int, spatial_dims: int) -> nn.Module:
+    return nn.Identity()
+
+
+def make_norm(spec: LayerSpec, channels: int, spatial_dims: int) -> nn.Module:
+    """Build a normalisation layer; ``group`` takes ``groups`` (default 8), the others the torch kwargs."""
+    name, kwargs = split_spec(spec)
+    return get("norms", name or "none")(channels, spatial_dims, **kwargs)
+
+
+@register_layer("activations", "leakyrelu")
+def leaky_relu(negative_slope: float = 0.01, inplace: bool = True) -> nn.Module:
+    """nnU-Net's slope 0.01, in place."""
+    return nn.LeakyReLU(negative_slope=negative_slope, inplace=inplace)
+
+
+@register_layer("activations", "relu")
+def relu(inplace: bool = True) -> nn.Module:
+    return nn.ReLU(inplace=inplace)
+
+
+register_layer("activations", "gelu")(nn.GELU)
+register_layer("activations", "prelu")(nn.PReLU)
+register_layer("activations", "identity")(nn.Identity)
+
+
+def make_act(spec: LayerSpec) -> nn.Module:
+    """Build an activation (None: identity)."""
+    name, kwargs = split_spec(spec)
+    return nn.Identity() if name is None else get("activations", name)(**kwargs)

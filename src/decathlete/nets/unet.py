@@ -19,34 +19,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from decathlete.nets.layers import LayerSpec, conv_class, make_act, make_norm
+from decathlete.nets.base import SegmentationNet
+from decathlete.nets.layers import LayerSpec, conv_class, make_act, make_conv, make_norm
 from decathlete.registry import register_net
 
 DEFAULT_NORM: LayerSpec = ("instance", {"affine": True, "eps": 1e-5})
 DEFAULT_ACT: LayerSpec = ("leakyrelu", {"negative_slope": 0.01})
 
 
-def _padding(kernel: Sequence[int]) -> tuple[int, ...]:
-    return tuple(k // 2 for k in kernel)
-
-
 class ConvNormAct(nn.Sequential):
-    """Convolution (no bias: the norm removes it), normalisation, activation."""
+    """Convolution (no bias: the norm removes it), normalisation, activation; ``conv`` is a layer spec."""
 
     def __init__(self, dims: int, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int],
-                 norm: LayerSpec, act: LayerSpec | None) -> None:
-        conv = conv_class(dims)(c_in, c_out, tuple(kernel), tuple(stride), _padding(kernel), bias=False)
-        super().__init__(conv, make_norm(norm, c_out, dims), make_act(act) if act is not None else nn.Identity())
+                 norm: LayerSpec, act: LayerSpec | None, conv: LayerSpec = "conv") -> None:
+        super().__init__(make_conv(conv, dims, c_in, c_out, kernel, stride), make_norm(norm, c_out, dims),
+                         make_act(act) if act is not None else nn.Identity())
 
 
 class ResidualBlock(nn.Module):
     """Basic residual block (two convs) with an average-pool + 1×1 projection shortcut, as nnU-Net's BasicBlockD."""
 
     def __init__(self, dims: int, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int],
-                 norm: LayerSpec, act: LayerSpec) -> None:
+                 norm: LayerSpec, act: LayerSpec, conv: LayerSpec = "conv") -> None:
         super().__init__()
-        self.conv1 = ConvNormAct(dims, c_in, c_out, kernel, stride, norm, act)
-        self.conv2 = ConvNormAct(dims, c_out, c_out, kernel, [1] * dims, norm, None)
+        self.conv1 = ConvNormAct(dims, c_in, c_out, kernel, stride, norm, act, conv)
+        self.conv2 = ConvNormAct(dims, c_out, c_out, kernel, [1] * dims, norm, None, conv)
         shortcut: list[nn.Module] = []
         if any(s != 1 for s in stride):
             pool = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
@@ -61,18 +58,18 @@ class ResidualBlock(nn.Module):
 
 
 def _stage(block: str, dims: int, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int], n: int,
-           norm: LayerSpec, act: LayerSpec) -> nn.Sequential:
+           norm: LayerSpec, act: LayerSpec, conv: LayerSpec) -> nn.Sequential:
     """``n`` blocks; the first one carries the stride and the change of width."""
     layers: list[nn.Module] = []
     for i in range(n):
         first = i == 0
-        args = (dims, c_in if first else c_out, c_out, kernel, stride if first else [1] * dims, norm, act)
+        args = (dims, c_in if first else c_out, c_out, kernel, stride if first else [1] * dims, norm, act, conv)
         layers.append(ResidualBlock(*args) if block == "residual" else ConvNormAct(*args))
     return nn.Sequential(*layers)
 
 
 @register_net("unet")
-class DynamicUNet(nn.Module):
+class DynamicUNet(SegmentationNet):
     """U-Net whose topology comes from a plan.
 
     Args:
@@ -88,31 +85,33 @@ class DynamicUNet(nn.Module):
         norm: normalisation as a name or ``(name, kwargs)``.
         act: activation as a name or ``(name, kwargs)``.
         deep_supervision: when True, ``forward`` returns a list of logits, full resolution first.
+        conv: the convolution of every block, a layer spec (registry kind ``convs``; default a plain one).
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, spatial_dims: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
                  n_blocks_per_stage: int | Sequence[int] = 2, n_conv_per_stage_decoder: int | Sequence[int] = 2,
                  block: str = "plain", norm: LayerSpec = DEFAULT_NORM, act: LayerSpec = DEFAULT_ACT,
-                 deep_supervision: bool = True) -> None:
+                 deep_supervision: bool = True, conv: LayerSpec = "conv") -> None:
         super().__init__()
         cfg = _normalise_args(len(features_per_stage), n_blocks_per_stage, n_conv_per_stage_decoder, block)
         blocks, dec_convs = cfg
         dims, feats = spatial_dims, list(features_per_stage)
         self.deep_supervision = deep_supervision
-        self.stem = ConvNormAct(dims, in_channels, feats[0], kernel_sizes[0], [1] * dims, norm, act) \
+        self.stem = ConvNormAct(dims, in_channels, feats[0], kernel_sizes[0], [1] * dims, norm, act, conv) \
             if block == "residual" else None
         self.encoder = nn.ModuleList()
         c_in = feats[0] if self.stem is not None else in_channels
         for s, c_out in enumerate(feats):
-            self.encoder.append(_stage(block, dims, c_in, c_out, kernel_sizes[s], strides[s], blocks[s], norm, act))
+            self.encoder.append(_stage(block, dims, c_in, c_out, kernel_sizes[s], strides[s], blocks[s], norm, act,
+                                       conv))
             c_in = c_out
         self.upsample, self.decoder, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in range(len(feats) - 2, -1, -1):
             self.upsample.append(conv_class(dims, transposed=True)(
                 feats[s + 1], feats[s], tuple(strides[s + 1]), tuple(strides[s + 1]), bias=False))
             self.decoder.append(_stage("plain", dims, 2 * feats[s], feats[s], kernel_sizes[s], [1] * dims,
-                                       dec_convs[s], norm, act))
+                                       dec_convs[s], norm, act, conv))
             self.heads.append(conv_class(dims)(feats[s], num_classes, 1, bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -130,46 +129,47 @@ class DynamicUNet(nn.Module):
         outputs.reverse()  # full resolution first
         return outputs if self.deep_supervision else outputs[0]
 
-    @staticmethod
-    def feature_map_elements(patch_size: Sequence[int], in_channels: int, num_classes: int, *,
-                             features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
-                             n_blocks_per_stage: int | Sequence[int] = 2,
-                             n_conv_per_stage_decoder: int | Sequence[int] = 2, block: str = "plain",
-                             deep_supervision: bool = True, **_: Any) -> int:
+    @classmethod
+    def feature_map_elements(cls, patch_size: Sequence[int], in_channels: int, num_classes: int,
+                             **kwargs: Any) -> int:
         """Activation elements per sample: summed output sizes of every convolution, transposed convolution and head.
 
-        Norm/activation outputs and skip concatenations scale with these, so the planner's bytes-per-element
-        calibration absorbs them. Args are the constructor's; extra kwargs are ignored.
+        A closed form for plain convolutions (planning calls it for every candidate patch); with another ``conv``
+        spec the generic meta-device count of `SegmentationNet` is used. Args are the constructor's.
         """
-        blocks, dec_convs = _normalise_args(len(features_per_stage), n_blocks_per_stage, n_conv_per_stage_decoder,
-                                            block)
-        feats = list(features_per_stage)
-        size = np.array(patch_size, dtype=np.int64)
-        residual = block == "residual"
-        total = int(feats[0] * size.prod()) if residual else 0  # stem
-        c_in = feats[0] if residual else in_channels
-        sizes = []
-        for s, c in enumerate(feats):
-            size = size // np.array(strides[s])
-            sizes.append(size.copy())
-            voxels = int(size.prod())
-            total += c * voxels * blocks[s] * (2 if residual else 1)
-            if residual and c_in != c:
-                total += c * voxels  # 1x1 projection on the shortcut of the first block
-            c_in = c
-        for s in range(len(feats) - 2, -1, -1):
-            voxels = int(sizes[s].prod())
-            total += feats[s] * voxels * (1 + dec_convs[s])  # transposed conv + decoder convs
-            if deep_supervision or s == 0:
-                total += num_classes * voxels
-        return total
+        if kwargs.get("conv", "conv") != "conv":
+            return super().feature_map_elements(patch_size, in_channels, num_classes, **kwargs)
+        return _closed_form_elements(patch_size, in_channels, num_classes, **kwargs)
 
-    @staticmethod
-    def parameter_count(in_channels: int, num_classes: int, **kwargs: Any) -> int:
-        """Trainable parameters of the network the kwargs describe (built on the meta device: no memory used)."""
-        with torch.device("meta"):
-            net = DynamicUNet(in_channels, num_classes, **kwargs)
-        return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+def _closed_form_elements(patch_size: Sequence[int], in_channels: int, num_classes: int, *,
+                          features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
+                          n_blocks_per_stage: int | Sequence[int] = 2,
+                          n_conv_per_stage_decoder: int | Sequence[int] = 2, block: str = "plain",
+                          deep_supervision: bool = True, **_: Any) -> int:
+    """`DynamicUNet.feature_map_elements` for plain convolutions, counted stage by stage."""
+    blocks, dec_convs = _normalise_args(len(features_per_stage), n_blocks_per_stage, n_conv_per_stage_decoder,
+                                        block)
+    feats = list(features_per_stage)
+    size = np.array(patch_size, dtype=np.int64)
+    residual = block == "residual"
+    total = int(feats[0] * size.prod()) if residual else 0  # stem
+    c_in = feats[0] if residual else in_channels
+    sizes = []
+    for s, c in enumerate(feats):
+        size = size // np.array(strides[s])
+        sizes.append(size.copy())
+        voxels = int(size.prod())
+        total += c * voxels * blocks[s] * (2 if residual else 1)
+        if residual and c_in != c:
+            total += c * voxels  # 1x1 projection on the shortcut of the first block
+        c_in = c
+    for s in range(len(feats) - 2, -1, -1):
+        voxels = int(sizes[s].prod())
+        total += feats[s] * voxels * (1 + dec_convs[s])  # transposed conv + decoder convs
+        if deep_supervision or s == 0:
+            total += num_classes * voxels
+    return total
 
 
 def _normalise_args(n_stages: int, n_blocks: int | Sequence[int], n_dec: int | Sequence[int],

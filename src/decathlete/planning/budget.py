@@ -11,10 +11,11 @@ Rules, in order (the patch planned from the fingerprint is always kept, so the n
    an undertrained wide network loses to a trained narrow one.
 2. Batch: grown from 2 towards the planned batch while the iterations stay at or above ``MIN_ITERATIONS``.
 3. Iterations: what the budget holds, capped at nnU-Net's 250,000, so a large budget on a GPU gives nnU-Net's plan.
-Step times are measured, never assumed: a whole training step (augmentation of a random batch of the configuration's
-input size, forward, Dice+CE with deep supervision, backward, SGD step), the median of 5 after 2 warm-up steps. Larger
-batches are extrapolated linearly from batch 2 to choose; the chosen candidate is then measured, and that figure is
-the one the prediction uses. Every candidate recorded in ``training["candidates"]`` is a measurement.
+Step times are measured, never assumed: the caller passes ``measure``, which times the very training step the trainer
+runs (`decathlete.train.probe.time_step`: augmentation of a random batch of the configuration's input size, forward,
+the recipe's loss, backward, clipping, optimiser step), the median of 5 after 2 warm-up steps. Larger batches are
+extrapolated linearly from batch 2 to choose; the chosen candidate is then measured, and that figure is the one the
+prediction uses. Every candidate recorded in ``training["candidates"]`` is a measurement.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ from __future__ import annotations
 import math
 import platform
 import re
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, NetworkSpec, Plans
 from decathlete.planning.rules import memory_gb
 from decathlete.registry import get
+
+# ``measure(config, plans, device) -> {"step_seconds", "forward_seconds"}``: one training step, one validation forward.
+Measure = Callable[[Configuration, Plans, torch.device], dict[str, float]]
 
 BASE_WIDTHS = (32, 24, 16, 12, 8)
 MIN_ITERATIONS = 2000
@@ -71,84 +75,12 @@ def with_width(config: Configuration, plans: Plans, base: int, batch: int) -> Co
     scale = base / old[0]
     features = [max(1, int(round(f * scale))) for f in old]
     kwargs["features_per_stage"] = features
-    from decathlete.train.trainer import num_outputs
-
-    n_in, n_out = len(plans.dataset["channel_names"]), num_outputs(plans)
+    n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
     params = get("nets", config.network.name).parameter_count(n_in, n_out, **kwargs)
     memory = memory_gb(config.network.name, kwargs, config.patch_size, batch, n_in, n_out)
     return replace(config, features_per_stage=features, network=NetworkSpec(config.network.name, kwargs),
                    batch_size=batch, parameters=int(params), memory_estimate_gb=round(memory, 3),
                    notes=list(config.notes))
-
-
-def time_step(config: Configuration, plans: Plans, device: torch.device, steps: int = 5, warmup: int = 2,
-              seed: int = 0) -> dict[str, float]:
-    """Seconds of one training step and of one validation forward pass on ``device``: the median of ``steps``
-    after ``warmup`` (the first steps pay for allocations and kernel selection; medians resist a busy machine)."""
-    from decathlete.augment import augment
-    from decathlete.losses.deep_supervision import downsample_target, ds_factors
-    from decathlete.recipes.default import get_recipe
-    from decathlete.train.distributed import World
-    from decathlete.train.steps import to_targets
-    from decathlete.train.trainer import (
-        GRAD_CLIP,
-        augmentation_for,
-        build_loss,
-        build_network,
-        build_optimizer,
-        memory_format,
-    )
-
-    torch.manual_seed(seed)
-    recipe = get_recipe(plans.recipe)
-    fmt = memory_format(device, config.spatial_dims)  # as the trainer runs it
-    net = build_network(config, plans).to(device, memory_format=fmt)
-    loss_fn = build_loss(recipe, config, plans, World()).to(device)
-    optimizer = build_optimizer(recipe, net)
-    aug, input_size = augmentation_for(config)
-    factors = ds_factors(config.strides)
-    n_in, labels = len(plans.dataset["channel_names"]), plans.dataset["label_values"]
-    amp = device.type == "cuda"
-    gen = torch.Generator().manual_seed(seed)
-
-    def step() -> None:
-        # A fresh random batch each step stands in for the trainer's in-process sampling (reading and cropping a
-        # cached case): measured on 2 cores, leaving it out made the prediction 20-35 % short.
-        image = torch.randn((config.batch_size, n_in, *input_size), generator=gen).to(device)
-        label = torch.randint(0, max(labels) + 1, (config.batch_size, 1, *input_size), generator=gen).to(device)
-        image, label = augment(image, label, config.patch_size, aug, gen)
-        targets = downsample_target(to_targets(label, plans.dataset.get("regions")), factors)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(net(image.contiguous(memory_format=fmt)), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
-        optimizer.step()
-
-    def forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            net(torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device)
-                .contiguous(memory_format=fmt))
-
-    return {"step_seconds": _timed(step, steps, warmup, device), "forward_seconds": _timed(forward, 3, 1, device)}
-
-
-def _timed(fn: Any, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def iterations_in(budget_s: float, step_s: float, forward_s: float) -> int:
@@ -162,9 +94,10 @@ def predicted_seconds(iterations: int, step_s: float, forward_s: float) -> float
     return STARTUP_SECONDS + iterations * step_s + epochs * VAL_ITERATIONS * forward_s
 
 
-def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: torch.device,
+def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: torch.device, measure: Measure,
                   log: Any = print) -> Configuration:
-    """The configuration narrowed/batched for ``budget_s`` of training on ``device`` (see the module docstring)."""
+    """The configuration narrowed/batched for ``budget_s`` of training on ``device`` (see the module docstring),
+    step times taken by ``measure``."""
     planned_base, planned_batch = config.features_per_stage[0], config.batch_size
     widths = sorted({w for w in BASE_WIDTHS if w <= planned_base} | {planned_base})
     start_batch = min(2, planned_batch)
@@ -172,7 +105,7 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     chosen: tuple[int, dict[str, float]] | None = None
     for base in widths:  # narrowest first: stop measuring once a width is too slow
         candidate = with_width(config, plans, base, start_batch)
-        timing = time_step(candidate, plans, device)
+        timing = measure(candidate, plans, device)
         n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
         records.append({"base_features": base, "batch_size": start_batch, "parameters": candidate.parameters,
                         **_rounded(timing), "iterations": n, "measured": True})
@@ -191,7 +124,7 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
         batch = b
     result = with_width(config, plans, base, batch)
     if batch != start_batch:
-        timing = time_step(result, plans, device)
+        timing = measure(result, plans, device)
         records.append({"base_features": base, "batch_size": batch, "parameters": result.parameters,
                         **_rounded(timing), "measured": True})
     n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])

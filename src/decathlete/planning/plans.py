@@ -81,7 +81,17 @@ class Configuration:
 
 @dataclass
 class Plans:
-    """Everything the later stages need, written to ``WORKDIR/plans.json``."""
+    """Everything the later stages need, written to ``WORKDIR/plans.json``.
+
+    Attributes:
+        dataset: the dataset summary (root, channels, labels, regions ...).
+        fingerprint_summary: the planner-relevant part of the fingerprint.
+        planner: registry key of the planner.
+        recipe: name of the recipe the plans were made for.
+        gpu_memory_gb: the memory budget planned for.
+        configurations: ``2d``, ``3d_fullres``, ``3d_lowres`` ...
+        recipe_settings: that recipe, resolved (with its ``--set`` overrides), as JSON; training starts from it.
+    """
 
     dataset: dict[str, Any]
     fingerprint_summary: dict[str, Any]
@@ -90,6 +100,7 @@ class Plans:
     gpu_memory_gb: float
     configurations: dict[str, Configuration]
     version: int = PLANS_VERSION
+    recipe_settings: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

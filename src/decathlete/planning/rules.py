@@ -6,7 +6,9 @@ spacings; an axis is pooled while its spacing is within 2x of the finest and its
 kernels are 1 on an axis much coarser than the others; features start at 32 and double, capped at 320 (3D) / 512
 (2D); the patch starts with the aspect ratio of 1/spacing and ~256^3 voxels (2048^2 in 2D), clipped to the median
 shape, and the axis with the largest patch/median ratio shrinks until the activation-memory estimate for the
-minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the dataset's voxels.
+minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the dataset's voxels. A recipe's
+``planning`` (`decathlete.recipes.base.Planning`) overrides any of these: spacing, patch, batch, widths, blocks,
+normalisation, the 2D slice axis.
 
 The memory estimate is ``feature_map_elements`` of the registered network built from the very kwargs written to
 plans.json, times a bytes-per-element constant. The constants are calibrated on nnU-Net's reference points (a
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from decathlete.planning.plans import Configuration, NetworkSpec, Plans
-from decathlete.recipes.default import Recipe
+from decathlete.recipes.base import Recipe
+from decathlete.recipes.build import build_normalization
 from decathlete.registry import get, register_planner
 
 GIB = 1024**3
@@ -31,8 +34,6 @@ REFERENCE_POINTS = {3: (560_000_000, 2), 2: (85_000_000, 12)}
 BYTES_PER_ELEMENT = {d: REFERENCE_GB * GIB / (e * b) for d, (e, b) in REFERENCE_POINTS.items()}
 ANISOTROPY_THRESHOLD = 3.0
 MIN_FEATURE_MAP_SIZE = 4
-MIN_BATCH_SIZE = 2
-MAX_DATASET_COVERED = 0.05
 LOWRES_THRESHOLD = 0.25
 LOWRES_SPACING_STEP = 1.03
 
@@ -88,37 +89,18 @@ def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int 
     return strides, kernels, padded, divisor
 
 
-def normalization_specs(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
-    """CT: clip to dataset foreground 0.5-99.5 percentiles and z-score with dataset stats; ``noNorm``: unchanged;
-    anything else: per-image z-score, inside the nonzero mask when cropping removed more than 25% of the median
-    image (channel names are matched case-insensitively, as nnU-Net does)."""
-    use_mask = fingerprint["median_crop_fraction"] < 0.75
-    specs = []
-    for stats in fingerprint["foreground_intensity"]:
-        name = stats["name"].strip().lower()
-        if name in ("nonorm", "none"):
-            specs.append({"scheme": "none"})
-        elif name == "ct":
-            specs.append({"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
-                          "mean": stats["mean"], "std": stats["std"]})
-        else:
-            specs.append({"scheme": "zscore", "use_nonzero_mask": bool(use_mask)})
-    return specs
-
-
 def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels: list[list[int]]) -> dict[str, Any]:
     """The network description written to plans.json, from the recipe's choices and the topology."""
     p = recipe.planning
     n_stages = len(strides)
-    cap = p.get("max_features_3d", 320) if dims == 3 else p.get("max_features_2d", 512)
-    base = p.get("base_features", 32)
-    blocks = p.get("n_blocks_per_stage", 2)
+    cap = p.max_features_3d if dims == 3 else p.max_features_2d
+    blocks = p.n_blocks_per_stage
     if not isinstance(blocks, int):
         blocks = (list(blocks) + [blocks[-1]] * n_stages)[:n_stages]
     return {**recipe.net.kwargs, "spatial_dims": dims,
-            "features_per_stage": [min(base * 2**i, cap) for i in range(n_stages)],
+            "features_per_stage": [min(p.base_features * 2**i, cap) for i in range(n_stages)],
             "kernel_sizes": kernels, "strides": strides, "n_blocks_per_stage": blocks,
-            "n_conv_per_stage_decoder": p.get("n_conv_per_stage_decoder", 2)}
+            "n_conv_per_stage_decoder": p.n_conv_per_stage_decoder}
 
 
 def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: int, n_in: int, n_out: int) -> float:
@@ -129,15 +111,24 @@ def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: in
 
 def plan_configuration(spacing: list[float], median_shape: list[float], n_in: int, n_out: int, recipe: Recipe,
                        budget_gb: float, dataset_voxels: float, **extra: Any) -> Configuration:
-    """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order)."""
+    """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order).
+
+    The recipe may fix the patch (``planning.patch_size_3d``/``_2d``: padded up to what the pooling needs, never
+    shrunk) and the batch (``planning.batch_size``); the memory rule decides whatever it leaves open.
+    """
     dims = len(spacing)
+    p = recipe.planning
+    fixed_patch = p.patch_size_3d if dims == 3 else p.patch_size_2d
     inv = 1.0 / np.asarray(spacing, dtype=float)
     start = 256**3 if dims == 3 else 2048**2
     patch = np.minimum(np.round(inv * (start / np.prod(inv)) ** (1 / dims)), median_shape).tolist()
+    if fixed_patch is not None:
+        patch = [float(v) for v in fixed_patch]
     net = recipe.net.name
     strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
     kwargs = network_kwargs(recipe, dims, strides, kernels)
-    while memory_gb(net, kwargs, patch, MIN_BATCH_SIZE, n_in, n_out) > budget_gb:
+    smallest_batch = p.batch_size or p.min_batch_size
+    while fixed_patch is None and memory_gb(net, kwargs, patch, smallest_batch, n_in, n_out) > budget_gb:
         ratios = np.asarray(patch) / np.asarray(median_shape)
         axis = int(len(ratios) - 1 - np.argmax(ratios[::-1]))  # the last of equally large axes, as nnU-Net
         trial = list(patch)
@@ -148,9 +139,8 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         kwargs = network_kwargs(recipe, dims, strides, kernels)
     per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
     batch = round(budget_gb / per_sample)
-    covered = recipe.planning.get("max_dataset_covered", MAX_DATASET_COVERED)
-    batch_cap = round(dataset_voxels * covered / float(np.prod(patch)))
-    batch = max(min(batch, batch_cap), MIN_BATCH_SIZE)
+    batch_cap = round(dataset_voxels * p.max_dataset_covered / float(np.prod(patch)))
+    batch = p.batch_size or max(min(batch, batch_cap), p.min_batch_size)
     return Configuration(
         spacing=[float(s) for s in extra.pop("full_spacing", spacing)], patch_size=[int(p) for p in patch],
         batch_size=int(batch), strides=strides, kernel_sizes=kernels, features_per_stage=kwargs["features_per_stage"],
@@ -168,27 +158,20 @@ def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray) -> np.nda
 @register_planner("nnunet")
 def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Recipe,
                 gpu_memory_gb: float = REFERENCE_GB) -> Plans:
-    """nnU-Net v2's planning rules (the default planner)."""
-    budget = float(recipe.planning.get("gpu_memory_gb", gpu_memory_gb))
+    """nnU-Net v2's planning rules (the default planner), with the recipe's ``planning`` overrides."""
+    p = recipe.planning
+    budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
     shapes = np.array([c["shape_after_crop"] for c in fingerprint["cases"]])
-    full_spacing = target_spacing(spacings, shapes)
+    full_spacing = target_spacing(spacings, shapes) if p.target_spacing is None else np.array(p.target_spacing)
     median_shape = _median_shape_at(fingerprint, full_spacing)
     n_in = len(fingerprint["channel_names"])
     n_out = len(dataset["regions"]) if dataset.get("regions") else len(fingerprint["label_values"])
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
-    norm = normalization_specs(fingerprint)
     resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
                   "separate_axis_order": 0}
-    common = {"normalization": norm, "resampling": resampling}
-    configs = {}
-    slice_axis = int(np.argmax(full_spacing)) if np.ptp(full_spacing) > 0 else 0
-    in_plane = [i for i in range(3) if i != slice_axis]
-    configs["2d"] = plan_configuration(
-        full_spacing[in_plane].tolist(), median_shape[in_plane].tolist(), n_in, n_out, recipe, budget,
-        dataset_voxels, full_spacing=full_spacing.tolist(), data_identifier="2d",
-        notes=[f"slices along array axis {slice_axis}; the slice axis keeps each case's own spacing"],
-        **{**common, "resampling": {**resampling, "slice_axis": slice_axis, "keep_slice_axis_spacing": True}})
+    common = {"normalization": build_normalization(recipe, fingerprint), "resampling": resampling}
+    configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)}
     fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
                                  dataset_voxels, data_identifier="3d_fullres", **common)
     configs["3d_fullres"] = fullres
@@ -200,7 +183,27 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     configs["2d"].batch_dice = True
     fullres.batch_dice = "3d_lowres" in configs
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
-                 gpu_memory_gb=budget, configurations=configs)
+                 gpu_memory_gb=budget, configurations=configs, recipe_settings=recipe.to_dict())
+
+
+def _plan_2d(full_spacing: np.ndarray, median_shape: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
+             budget: float, dataset_voxels: float, common: dict[str, Any]) -> Configuration:
+    """Slices along the coarsest axis; that axis keeps each case's spacing (nnU-Net) or, as the recipe says, is
+    resampled to the target spacing's or to the in-plane spacing (isotropic volumes)."""
+    slice_axis = int(np.argmax(full_spacing)) if np.ptp(full_spacing) > 0 else 0
+    in_plane = [i for i in range(3) if i != slice_axis]
+    mode = recipe.planning.slice_axis_spacing_2d
+    spacing = full_spacing.astype(float).copy()
+    if mode == "in_plane":
+        spacing[slice_axis] = float(spacing[in_plane].min())
+    how = {"keep": "keeps each case's own spacing", "target": f"is resampled to {spacing[slice_axis]:.3g} mm",
+           "in_plane": f"is resampled to the in-plane {spacing[slice_axis]:.3g} mm"}[mode]
+    resampling = {**common["resampling"], "slice_axis": slice_axis, "keep_slice_axis_spacing": mode == "keep"}
+    return plan_configuration(
+        full_spacing[in_plane].tolist(), median_shape[in_plane].tolist(), n_in, n_out, recipe, budget,
+        dataset_voxels, full_spacing=spacing.tolist(), data_identifier="2d" if mode == "keep" else f"2d_{mode}",
+        notes=[f"slices along array axis {slice_axis}; the slice axis {how}"],
+        **{**common, "resampling": resampling})
 
 
 def _plan_lowres(full_spacing: np.ndarray, full_median: np.ndarray, n_in: int, n_out: int, recipe: Recipe,

@@ -1,4 +1,4 @@
-"""Per-channel intensity normalisation schemes, chosen by a JSON spec per channel (as stored in plans.json).
+"""Per-channel intensity normalisation schemes (registry kind ``normalizers``), a JSON spec per channel in plans.json.
 
 Specs (one per channel, the config's ``"normalization"`` list):
 
@@ -14,32 +14,24 @@ Precision: images reach 1.7e6 (and float32 has a 24-bit mantissa), so means and 
 accumulators and the arithmetic runs in float64 on slabs of z-slices before the float32 result is stored.
 Working slab by slab keeps the float64 temporaries small (``_SLAB_VOXELS``) whatever the volume size.
 
-New schemes register with `register_scheme`; a scheme is ``fn(channel (z, y, x), spec, mask) -> float32 (z, y, x)``.
+A scheme is a class registered with ``register_normalizer(name)`` with two static methods: ``plan(stats,
+fingerprint, **kwargs) -> spec`` writes the channel's spec at planning time from its fingerprint statistics (and the
+recipe's kwargs, ``planning.normalization``), and ``apply(channel (z, y, x), spec, mask) -> float32 (z, y, x)`` runs it
+on a case, in training preprocessing and at inference alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-Scheme = Callable[[np.ndarray, Mapping[str, Any], "np.ndarray | None"], np.ndarray]
-
-SCHEMES: dict[str, Scheme] = {}
+from decathlete.registry import get, register_normalizer
 
 _EPS = 1e-8
 _SLAB_VOXELS = 1 << 22  # ~4 M voxels = 32 MB of float64 per temporary
-
-
-def register_scheme(name: str) -> Callable[[Scheme], Scheme]:
-    """Decorator registering a normalisation function under ``name`` (the spec's ``"scheme"``)."""
-
-    def decorator(fn: Scheme) -> Scheme:
-        SCHEMES[name] = fn
-        return fn
-
-    return decorator
+MASK_CROP_FRACTION = 0.75  # z-score inside the nonzero mask when cropping keeps less than this of the median image
 
 
 def _slabs(channel: np.ndarray) -> Iterator[slice]:
@@ -103,7 +95,6 @@ def _affine(
     return out
 
 
-@register_scheme("ct")
 def ct_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
     """Clip to ``spec["clip"]`` then z-score with the dataset-wide ``spec["mean"]`` / ``spec["std"]``.
 
@@ -118,7 +109,6 @@ def ct_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndarray 
     return _affine(channel, float(spec["mean"]), float(spec["std"]), (lo, hi), None)
 
 
-@register_scheme("zscore")
 def zscore_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
     """Per-image z-score; with ``spec["use_nonzero_mask"]`` the statistics come from the mask and outside is 0."""
     if spec.get("use_nonzero_mask", False):
@@ -133,10 +123,49 @@ def zscore_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndar
     return _affine(channel, mean, std, None, mask)
 
 
-@register_scheme("none")
 def no_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
     """Only cast to float32 (for inputs that are already normalised)."""
     return np.asarray(channel, dtype=np.float32)
+
+
+@register_normalizer("ct")
+class CTNormalization:
+    """nnU-Net's CTNormalization: clip to the dataset's foreground 0.5-99.5 percentiles (or ``clip``), then z-score
+    with the dataset's foreground mean and std (the fingerprint's, over the unclipped foreground)."""
+
+    @staticmethod
+    def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any],
+             clip: Sequence[float] | None = None) -> dict[str, Any]:
+        lo, hi = clip if clip is not None else (stats["percentile_00_5"], stats["percentile_99_5"])
+        return {"scheme": "ct", "clip": [lo, hi], "mean": stats["mean"], "std": stats["std"]}
+
+    apply = staticmethod(ct_normalize)
+
+
+@register_normalizer("zscore")
+class ZScoreNormalization:
+    """Per-image z-score; inside the nonzero mask when cropping to it removed more than a quarter of the median image
+    (nnU-Net's rule), unless ``use_nonzero_mask`` says otherwise."""
+
+    @staticmethod
+    def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any],
+             use_nonzero_mask: bool | None = None) -> dict[str, Any]:
+        if use_nonzero_mask is None:
+            use_nonzero_mask = fingerprint["median_crop_fraction"] < MASK_CROP_FRACTION
+        return {"scheme": "zscore", "use_nonzero_mask": bool(use_nonzero_mask)}
+
+    apply = staticmethod(zscore_normalize)
+
+
+@register_normalizer("none")
+class NoNormalization:
+    """The intensities as they are (float32)."""
+
+    @staticmethod
+    def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scheme": "none"}
+
+    apply = staticmethod(no_normalize)
 
 
 def uses_nonzero_mask(specs: Sequence[Mapping[str, Any]]) -> bool:
@@ -162,7 +191,9 @@ def normalize(data: np.ndarray, specs: Sequence[Mapping[str, Any]], mask: np.nda
     out = np.empty(data.shape, dtype=np.float32)
     for c, spec in enumerate(specs):
         name = spec.get("scheme")
-        if name not in SCHEMES:
-            raise ValueError(f"channel {c}: unknown normalisation scheme {name!r}; known: {sorted(SCHEMES)}")
-        out[c] = SCHEMES[name](data[c], spec, mask)
+        try:
+            scheme = get("normalizers", str(name))
+        except KeyError as err:
+            raise ValueError(f"channel {c}: unknown normalisation scheme {name!r}: {err}") from None
+        out[c] = scheme.apply(data[c], spec, mask)
     return out

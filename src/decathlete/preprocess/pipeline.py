@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from decathlete import registry
 from decathlete.io.datasets import Case
 from decathlete.io.images import Geometry, read_geometry, read_image, read_label
 from decathlete.preprocess import cache
@@ -235,14 +236,16 @@ def preprocess_case(
     return PreprocessedCase(out, seg, properties, locations)
 
 
-_Task = tuple[str, list[str], "str | None", dict[str, Any], str, str]
+_Task = tuple[str, list[str], "str | None", dict[str, Any], str, str, list[str]]
 
 
 def _guarded(task: _Task) -> tuple[str, float, str | None]:
     """Preprocess and write one case: ``(case id, seconds, None)``, or the exception as text instead of raising."""
-    case_id, images, label, config, out_dir, fmt = task
+    case_id, images, label, config, out_dir, fmt, plugins = task
     start = time.perf_counter()
     try:
+        for package in plugins:  # a worker process imports the plugins whose normalisers the plan may name
+            registry.load_plugin(package)
         cache.write_case(Path(out_dir), case_id, preprocess_case(images, label, config, case_id=case_id), fmt)
     except Exception as exc:  # every failure is collected and re-raised once the other cases are done
         return case_id, 0.0, f"{type(exc).__name__}: {exc}"
@@ -287,7 +290,8 @@ def preprocess_dataset(
     cache.clean_stale_temporaries(out_dir)
     expected = {"preprocessing": resolve_config(config), "cache_format": cache_format}
     tasks = [
-        (c.id, [str(p) for p in c.images], c.label and str(c.label), dict(config), str(out_dir), cache_format)
+        (c.id, [str(p) for p in c.images], c.label and str(c.label), dict(config), str(out_dir), cache_format,
+         registry.loaded_plugins())
         for c in cases
         if not cache.case_is_complete(out_dir, c.id, expected)
     ]

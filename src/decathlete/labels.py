@@ -1,0 +1,122 @@
+"""What the network's outputs mean: one class per label value (softmax), or one nested region per output (sigmoid).
+
+nnU-Net's region-based training (Isensee et al. 2021, https://doi.org/10.1038/s41592-020-01008-z) trains one sigmoid
+output per region (BraTS: whole tumour = {1, 2, 3}, tumour core = {2, 3}, enhancing = {3}) and paints the label
+map back in ``regions_class_order``, later regions over earlier ones. Regions come from an nnU-Net dataset.json or
+from a recipe (``Recipe.regions``), which the planner writes into plans.json; everything downstream (targets,
+pseudo-Dice, the loss's nonlinearity, inference painting, scoring) asks this one object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """Label values of the dataset and, for region-based training, the regions.
+
+    Attributes:
+        label_values: every label value of the dataset, background 0 first.
+        label_names: value -> name for the label values.
+        regions: region name -> label values it unites, in output order; None for softmax classes.
+        regions_class_order: per region, the label painted where it is predicted; None for softmax classes.
+    """
+
+    label_values: tuple[int, ...]
+    label_names: Mapping[int, str]
+    regions: Mapping[str, tuple[int, ...]] | None = None
+    regions_class_order: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset: Mapping[str, Any]) -> LabelScheme:
+        """From the ``dataset`` part of plans.json (``label_values``, ``labels``, ``regions``, ...)."""
+        names = {int(v): str(k) for k, v in (dataset.get("labels") or {}).items() if not isinstance(v, list)}
+        regions = dataset.get("regions")
+        order = dataset.get("regions_class_order")
+        return cls(tuple(int(v) for v in dataset["label_values"]), names,
+                   None if not regions else {str(k): tuple(int(x) for x in v) for k, v in regions.items()},
+                   None if not regions or order is None else tuple(int(x) for x in order))
+
+    @property
+    def region_based(self) -> bool:
+        return bool(self.regions)
+
+    @property
+    def num_outputs(self) -> int:
+        """Network output channels: one per region, else one per label value."""
+        return len(self.regions) if self.regions else len(self.label_values)
+
+    @property
+    def nonlinearity(self) -> str:
+        return "sigmoid" if self.region_based else "softmax"
+
+    @property
+    def output_values(self) -> list[int]:
+        """The label each output channel paints: ``regions_class_order``, or the label values."""
+        return list(self.regions_class_order if self.region_based else self.label_values)
+
+    def evaluation_labels(self) -> dict[str, int | list[int]]:
+        """What `decathlete.evaluate` scores: every region, or every foreground label, by name."""
+        if self.regions:
+            return {name: list(values) for name, values in self.regions.items()}
+        return {self.label_names.get(v, str(v)): v for v in self.label_values if v != 0}
+
+    def targets(self, label: torch.Tensor) -> torch.Tensor:
+        """Training targets from a ``(B, 1, ...)`` label map: "outside" (-1) becomes background, as in nnU-Net; for
+        region-based data one binary float mask per region, ``(B, R, ...)``."""
+        label = label.long().clamp_min(0)
+        if not self.regions:
+            return label
+        masks = [torch.isin(label, torch.as_tensor(v, device=label.device)) for v in self.regions.values()]
+        return torch.cat(masks, dim=1).float()
+
+    @torch.no_grad()
+    def pseudo_dice_counts(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Per foreground class (or region): ``(3, K)`` true positives, false positives, false negatives.
+
+        Voxels labelled -1 ("outside") count nowhere. Predictions are the argmax (softmax) or > 0.5 (regions).
+        """
+        valid = label >= 0
+        if self.regions:
+            target = self.targets(label).bool()
+            pred = logits.float().sigmoid() > 0.5
+        else:
+            classes = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, *[1] * (logits.ndim - 2))
+            pred = logits.argmax(1, keepdim=True) == classes
+            target = label.long() == classes
+        pred, target = pred & valid, target & valid
+        dims = [0, *range(2, logits.ndim)]
+        tp = (pred & target).sum(dims)
+        fp = (pred & ~target).sum(dims)
+        fn = (~pred & target).sum(dims)
+        return torch.stack([tp, fp, fn]).float()
+
+    def activate_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from logits ``(K, ...)`` in place: softmax over axis 0, or a sigmoid per region."""
+        if self.region_based:
+            return logits.sigmoid_()
+        logits -= logits.amax(0, keepdim=True)
+        logits.exp_()
+        return logits.div_(logits.sum(0, keepdim=True))
+
+
+def check_regions(regions: Mapping[str, Sequence[int]], class_order: Sequence[int],
+                  label_values: Sequence[int]) -> list[str]:
+    """Problems of a region definition against the dataset's label values (empty when it is fine)."""
+    problems = []
+    if len(class_order) != len(regions):
+        problems.append(f"regions_class_order has {len(class_order)} entries for {len(regions)} regions")
+    known = set(int(v) for v in label_values)
+    for (name, values), painted in zip(regions.items(), class_order):
+        unknown = sorted(set(int(v) for v in values) - known)
+        if unknown or not values or 0 in values:
+            problems.append(f"region '{name}' {list(values)}: needs foreground label values of the dataset "
+                            f"({sorted(known - {0})})")
+        if int(painted) not in values:
+            problems.append(f"region '{name}' paints label {painted}, which it does not contain")
+    return problems

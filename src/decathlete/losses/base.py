@@ -1,0 +1,87 @@
+"""The training-loss protocol: the training step calls ``loss(output, batch)`` and nothing else.
+
+``output`` is the network's `decathlete.nets.base.NetOutput` (logits, a tensor or the deep-supervision list, plus a
+dict of auxiliary tensors) and ``batch`` a `TrainingBatch` (the augmented image, its label map and the targets on
+every output's grid). A recipe's ``loss`` names one of two kinds of registered loss:
+
+* a loss on logits, ``loss(logits, target)`` (``dice_ce``, ``ce``, ``topk_ce`` ...): the framework applies it to
+  every deep-supervision output with nnU-Net's weights (`LossContext.logits_loss`);
+* a `TrainingLoss` subclass, built with the recipe's kwargs plus ``context`` (a `LossContext`), which sees the whole
+  output and batch: a reconstruction or KL term of a VAE branch, or a term on the input image, needs no change of
+  the loop. It composes the segmentation part with ``context.logits_loss(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from decathlete.labels import LabelScheme
+from decathlete.losses.deep_supervision import DeepSupervisionLoss
+from decathlete.nets.base import NetOutput
+from decathlete.registry import build
+
+
+@dataclass
+class TrainingBatch:
+    """One augmented training (or validation) batch as the loss sees it.
+
+    Attributes:
+        image: network input ``(B, C, *patch)``.
+        label: label map ``(B, 1, *patch)``, -1 outside the image.
+        targets: per deep-supervision output, the target on its grid, full resolution first (`LabelScheme.targets`,
+            downsampled): int64 label maps, or float region masks for region-based training.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor
+    targets: list[torch.Tensor]
+
+
+class TrainingLoss(nn.Module):
+    """Base of losses called as ``loss(output, batch) -> scalar`` (see the module docstring)."""
+
+    def forward(self, output: NetOutput, batch: TrainingBatch) -> torch.Tensor:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class LogitsLoss(TrainingLoss):
+    """A loss on ``(logits, target)`` over every deep-supervision output (weighted) and the batch's targets."""
+
+    def __init__(self, loss: nn.Module, weights: Sequence[float]) -> None:
+        super().__init__()
+        self.deep_supervision = DeepSupervisionLoss(loss, weights)
+
+    def forward(self, output: NetOutput, batch: TrainingBatch) -> torch.Tensor:
+        return self.deep_supervision(output.logits, batch.targets)
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a loss may need to know about the run.
+
+    Attributes:
+        labels: the outputs' meaning (softmax classes or sigmoid regions).
+        deep_supervision_weights: one weight per network output, full resolution first.
+        batch_dice: the plan's choice of Dice over the batch, the default of Dice-based logits losses.
+    """
+
+    labels: LabelScheme
+    deep_supervision_weights: list[float]
+    batch_dice: bool
+
+    def logits_loss(self, name: str, kwargs: dict[str, Any] | None = None) -> LogitsLoss:
+        """The registered logits loss ``name`` for this run, deep-supervised.
+
+        For region-based (sigmoid) outputs, ``dice_ce`` becomes nnU-Net's ``dice_bce`` with the kwargs that apply.
+        """
+        kwargs = dict(kwargs or {})
+        if self.labels.region_based and name == "dice_ce":
+            name, kwargs = "dice_bce", {k: v for k, v in kwargs.items() if k in ("weight_ce", "weight_dice", "smooth")}
+        if name in ("dice_ce", "dice_bce"):
+            kwargs.setdefault("batch_dice", self.batch_dice)
+        return LogitsLoss(build("losses", name, **kwargs), self.deep_supervision_weights)

@@ -1,0 +1,94 @@
+"""The network protocol: what the planner, the training step and the predictor ask of every registered network.
+
+* **Construction** ``Net(in_channels, num_classes, **kwargs)``; the kwargs are the plan's ``network.kwargs`` (JSON).
+  Networks planned by the ``nnunet`` planner also take its topology: ``spatial_dims``, ``features_per_stage``,
+  ``kernel_sizes`` and ``strides`` (per stage, per axis, array order).
+* **Training forward** returns the logits, either one tensor ``(B, K, *spatial)`` or the deep-supervision list (full
+  resolution first), or a `NetOutput` of those logits plus a dict of auxiliary tensors (a VAE's reconstruction, mean
+  and log-variance). `NetOutput.of` turns each of the three into a `NetOutput`, so the loop sees one type.
+* **Inference forward** (after `set_deep_supervision(False)`, in eval mode) returns the full-resolution logits.
+* **Memory**: ``feature_map_elements(patch_size, in_channels, num_classes, **kwargs)`` counts the activation elements
+  of one sample, which the planner turns into bytes (``planning/rules.py``), and ``parameter_count`` the trainable
+  parameters. `SegmentationNet` measures both on the meta device (no memory, no arithmetic), so a new network plans
+  correctly without writing either; a network may replace them with a closed form (the U-Net does, and a test checks
+  the two agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+
+class NetOutput(NamedTuple):
+    """A training forward's result: logits (tensor or deep-supervision list, full resolution first) + auxiliaries."""
+
+    logits: torch.Tensor | list[torch.Tensor]
+    aux: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, raw: Any) -> NetOutput:
+        """``raw`` as a `NetOutput`: a tensor or a list of tensors are logits without auxiliaries."""
+        if isinstance(raw, NetOutput):
+            return raw
+        if isinstance(raw, tuple):
+            raw = list(raw)
+        return cls(raw, {})
+
+    @property
+    def full_resolution(self) -> torch.Tensor:
+        """The full-resolution logits."""
+        return self.logits[0] if isinstance(self.logits, list) else self.logits
+
+
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+class SegmentationNet(nn.Module):
+    """Base class of registered networks: the protocol of the module docstring with generic implementations."""
+
+    deep_supervision: bool = False
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Return the deep-supervision list (True, training) or the full-resolution logits only (False)."""
+        self.deep_supervision = enabled
+
+    @classmethod
+    def parameter_count(cls, in_channels: int, num_classes: int, **kwargs: Any) -> int:
+        """Trainable parameters of the network the kwargs describe (built on the meta device: no memory used)."""
+        with torch.device("meta"):
+            net = cls(in_channels, num_classes, **kwargs)
+        return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+    @classmethod
+    def feature_map_elements(cls, patch_size: Sequence[int], in_channels: int, num_classes: int,
+                             **kwargs: Any) -> int:
+        """Activation elements of one training sample: the summed outputs of every convolution and dense layer.
+
+        Measured by a training-mode forward on the meta device with hooks; norms, activations and concatenations
+        scale with these, which the planner's bytes-per-element calibration absorbs.
+        """
+        with torch.device("meta"):
+            net = cls(in_channels, num_classes, **kwargs)
+        total = 0
+
+        def count(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            nonlocal total
+            total += output.numel()
+
+        for module in net.modules():
+            if isinstance(module, _COUNTED):
+                module.register_forward_hook(count)
+        net.train()
+        with torch.no_grad():
+            net(torch.empty((1, in_channels, *patch_size), device="meta"))
+        return int(total)
+
+
+def set_deep_supervision(net: nn.Module, enabled: bool) -> None:
+    """Switch deep supervision of ``net`` (a no-op for networks without it)."""
+    if hasattr(net, "set_deep_supervision"):
+        net.set_deep_supervision(enabled)

@@ -1,0 +1,405 @@
+"""The recipe: everything about a method that does not depend on the data, as one typed, frozen record.
+
+A recipe names registry components (network, loss, optimiser, schedule, planner, normalisation, augmentation preset,
+sampler, tile weighting) with JSON kwargs and sets typed values (epochs, clip, planner overrides, regions, every
+augmentation probability and range, inference settings). The planner fills in what depends on the data. A recipe
+is written as JSON next to every model (``recipe.json``) and read back by ``predict``, ``crossval`` and ``--resume``,
+so a model folder never depends on the current defaults of the registered recipe it came from.
+
+Overrides use dotted names, on every verb that takes a recipe: ``--set optimizer.lr=3e-4 --set augment.p_elastic=0.2
+--set planning.batch_size=1 --set inference.tile_weighting=constant``. The value is JSON (``3e-4``, ``[1, 10]``,
+``null``, ``{"name": "adam", "kwargs": {"lr": 1e-3}}``) or else a plain string. A component field (a `Spec`) takes
+``<field>.name``, ``<field>.kwargs`` or any other key as one of its kwargs; a bare string replaces it by that
+component with its defaults. Unknown keys are errors naming the valid ones: recipe fields are checked here, kwargs
+against the registered component's signature (`validate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from decathlete.augment.pipeline import AugmentConfig
+from decathlete.registry import get
+
+
+class RecipeError(ValueError):
+    """A recipe, or an override of it, that is not valid; the message names the field and the valid choices."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A registry key plus JSON kwargs."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Planning:
+    """Planner overrides; ``None`` leaves the choice to the planner. Shapes and spacings in array order (z, y, x).
+
+    Attributes:
+        target_spacing: voxel spacing in mm of ``3d_fullres`` (and, in plane, of ``2d``) instead of the rule's.
+        patch_size_3d: fixed 3D patch (z, y, x); the topology is planned for it, and the batch unless fixed too.
+        patch_size_2d: fixed 2D patch (the two in-plane axes, in array order).
+        batch_size: fixed batch size (1 allowed) instead of the memory rule's.
+        min_batch_size: the smallest batch the memory rule may choose (nnU-Net: 2).
+        normalization: intensity normalisation, one `Spec` per channel or a single one for every channel
+            (registry kind ``normalizers``: ``ct``, ``zscore``, ``none`` ...); None = by channel name (nnU-Net).
+        slice_axis_spacing_2d: 2D configurations: ``keep`` each case's own spacing along the slice axis (nnU-Net),
+            resample it to the ``target`` spacing's value, or to the ``in_plane`` spacing (isotropic volumes).
+        base_features: features of the first stage (doubled per stage up to the cap).
+        max_features_3d, max_features_2d: the caps.
+        n_blocks_per_stage: encoder blocks per stage (an int, or a list repeated/truncated to the stage count).
+        n_conv_per_stage_decoder: convolutions per decoder stage.
+        gpu_memory_gb: a preset's own memory budget (wins over ``plan --gpu-memory``).
+        max_dataset_covered: cap on the batch as a fraction of the dataset's voxels (nnU-Net: 0.05).
+    """
+
+    target_spacing: tuple[float, float, float] | None = None
+    patch_size_3d: tuple[int, int, int] | None = None
+    patch_size_2d: tuple[int, int] | None = None
+    batch_size: int | None = None
+    min_batch_size: int = 2
+    normalization: tuple[Spec, ...] | None = None
+    slice_axis_spacing_2d: str = "keep"
+    base_features: int = 32
+    max_features_3d: int = 320
+    max_features_2d: int = 512
+    n_blocks_per_stage: int | tuple[int, ...] = 2
+    n_conv_per_stage_decoder: int = 2
+    gpu_memory_gb: float | None = None
+    max_dataset_covered: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.slice_axis_spacing_2d not in ("keep", "target", "in_plane"):
+            raise RecipeError(f"planning.slice_axis_spacing_2d must be keep, target or in_plane, "
+                              f"got '{self.slice_axis_spacing_2d}'")
+        for name in ("batch_size", "min_batch_size", "base_features"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"planning.{name} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Nested regions trained with one sigmoid output each (nnU-Net's region-based training).
+
+    Attributes:
+        regions: region name -> the label values it unites, in output order, e.g. BraTS (MSD labels 1 edema,
+            2 non-enhancing, 3 enhancing): whole tumour (1, 2, 3), tumour core (2, 3), enhancing tumour (3,).
+        class_order: per region, the label painted where it is predicted; later regions paint over earlier ones.
+    """
+
+    regions: dict[str, tuple[int, ...]]
+    class_order: tuple[int, ...]
+
+
+def _augment_fields() -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(AugmentConfig)
+    return [(f.name, hints[f.name] | None, dataclasses.field(default=None)) for f in fields(AugmentConfig)]
+
+
+# Every field of `AugmentConfig`, None = the preset's value, plus the preset's registry key ``name``.
+Augmentation = make_dataclass("Augmentation", [("name", str, dataclasses.field(default="nnunet")), *_augment_fields()],
+                              frozen=True)
+Augmentation.__module__ = __name__
+Augmentation.__doc__ = ("Augmentation: a preset (registry kind ``augmentations``, ``nnunet`` = nnU-Net's settings for "
+                        "the configuration) and overrides of any `AugmentConfig` field (None = the preset's value).")
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a model predicts.
+
+    Attributes:
+        tile_weighting: weight map of a sliding-window tile (registry kind ``tile_weights``: ``gaussian`` with
+            ``sigma_scale``, ``constant``, ``center`` with ``fraction``).
+        step: tile distance as a fraction of the patch (0.5 = half overlap).
+        mirror_axes: patch axes mirrored for test-time augmentation; None = the axes mirrored in training.
+        tta: mirroring test-time augmentation on by default.
+    """
+
+    tile_weighting: Spec = Spec("gaussian", {"sigma_scale": 0.125})
+    step: float = 0.5
+    mirror_axes: tuple[int, ...] | None = None
+    tta: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.step <= 1:
+            raise RecipeError(f"inference.step must lie in (0, 1], got {self.step}")
+
+
+# Layer choices written into plans.json as data (name + kwargs), nnU-Net's conv-InstanceNorm-LeakyReLU.
+UNET_LAYERS = {"norm": ["instance", {"affine": True, "eps": 1e-5}], "act": ["leakyrelu", {"negative_slope": 0.01}]}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything about a method that does not depend on the data (see the module docstring).
+
+    Attributes:
+        name: registry key of the recipe; names the model folder ``models/<config>/<name>``.
+        net: network registry key + fixed kwargs (``block``, ``norm``, ``conv`` ...); the planner adds the topology.
+        loss: loss registry key + kwargs: a loss on logits (wrapped for deep supervision) or a `TrainingLoss`
+            that sees the network output and the batch (`decathlete.losses.base`).
+        optimizer: optimiser registry key + kwargs (``lr`` is the base of the schedule).
+        schedule: learning-rate schedule registry key + kwargs.
+        epochs: training epochs.
+        iterations_per_epoch: optimiser steps per epoch.
+        grad_clip: gradient-norm clip; None = no clipping.
+        planner: planner registry key.
+        planning: typed planner overrides.
+        regions: nested sigmoid regions to train instead of the dataset's label map classes; None = the dataset's.
+        augment: augmentation preset + overrides.
+        sampler: patch sampler registry key + kwargs (``oversample_foreground`` ...).
+        inference: tile weighting, step, mirror axes.
+    """
+
+    name: str
+    net: Spec = Spec("unet", {"block": "plain", **UNET_LAYERS})
+    loss: Spec = Spec("dice_ce", {"batch_dice": False, "include_background": False})
+    optimizer: Spec = Spec("sgd", {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5})
+    schedule: Spec = Spec("poly", {"power": 0.9})
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    grad_clip: float | None = 12.0
+    planner: str = "nnunet"
+    planning: Planning = Planning()
+    regions: Regions | None = None
+    augment: Augmentation = Augmentation()  # type: ignore[valid-type]
+    sampler: Spec = Spec("patch", {"oversample_foreground": 0.33})
+    inference: Inference = Inference()
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.iterations_per_epoch < 1:
+            raise RecipeError(f"epochs and iterations_per_epoch must be at least 1, got {self.epochs} and "
+                              f"{self.iterations_per_epoch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-ready data (tuples become lists), as written to ``recipe.json``."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Read a recipe back from JSON data; missing fields take their defaults, unknown ones are an error."""
+        return _build(cls, data, "recipe")
+
+    def with_overrides(self, assignments: Sequence[str]) -> Recipe:
+        """This recipe with dotted ``path=value`` assignments applied (see the module docstring)."""
+        data = self.to_dict()
+        for assignment in assignments:
+            path, sep, text = assignment.partition("=")
+            if not sep or not path.strip():
+                raise RecipeError(f"--set expects path=value (e.g. optimizer.lr=3e-4), got '{assignment}'")
+            _assign(data, Recipe, path.strip().split("."), _parse_value(text), path.strip(), "")
+        return Recipe.from_dict(data)
+
+    def differences(self, other: Recipe, keys: Sequence[str]) -> list[str]:
+        """The top-level fields among ``keys`` whose values differ between the two recipes."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in keys if mine[k] != theirs[k]]
+
+
+# Fields that shape the plan: a model's recipe must agree with the plans it trains on in all of them.
+PLAN_FIELDS = ("net", "planner", "planning", "regions")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else tp
+
+
+def _assign(data: dict[str, Any], tp: Any, segments: list[str], value: Any, path: str, parent: str) -> None:
+    """Set ``value`` at ``segments`` inside the JSON form ``data`` of the dataclass type ``tp`` (at ``parent``)."""
+    key, rest = segments[0], segments[1:]
+    tp = _unwrap_optional(tp)
+    if tp is Spec and key not in ("name", "kwargs"):
+        data, tp = data.setdefault("kwargs", {}), dict[str, Any]  # any other key is one of the kwargs
+    if is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        if key not in hints:
+            where = f"'{parent}'" if parent else "a recipe"
+            raise RecipeError(f"unknown recipe setting '{path}': {where} takes {', '.join(hints)}")
+        child_tp = hints[key]
+    else:
+        child_tp = Any
+    if not rest:
+        data[key] = value
+        return
+    child = data.get(key)
+    if child is None and is_dataclass(_unwrap_optional(child_tp)):
+        raise RecipeError(f"'{path}': '{key}' is not set; set it whole, e.g. --set {key}='{{...}}'")
+    if child is None:
+        child = data[key] = {}
+    if not isinstance(child, dict):
+        raise RecipeError(f"'{path}': '{key}' holds {json.dumps(child)}, which has no field '{rest[0]}'")
+    _assign(child, child_tp, rest, value, path, f"{parent}.{key}" if parent else key)
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    if cls is Spec and isinstance(data, str):
+        return Spec(data, {})
+    if cls is Spec and isinstance(data, (list, tuple)) and len(data) == 2:
+        data = {"name": data[0], "kwargs": data[1] or {}}
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{path}: expected an object with {', '.join(hints)}, got {json.dumps(data, default=str)}")
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise RecipeError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(hints)}")
+    values = {k: _coerce(hints[k], v, f"{path}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """``value`` (JSON data) as type ``tp``: lists become tuples, objects dataclasses; wrong types are an error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[-1] if len(errors) == 1 else f"{path}: {json.dumps(value)} fits none of "
+                          f"{' | '.join(getattr(a, '__name__', str(a)) for a in args)}")
+    if is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {json.dumps(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise RecipeError(f"{path}: expected {len(args)} values, got {json.dumps(value)}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{path}: expected an object, got {json.dumps(value)}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
+    if tp not in ok:
+        raise RecipeError(f"{path}: unsupported field type {tp}")
+    if not ok[tp]:
+        raise RecipeError(f"{path}: expected {tp.__name__}, got {json.dumps(value)}")
+    return float(value) if tp is float else value
+
+
+# Parameters the framework passes to a component of each registry kind: a recipe may not set them.
+SUPPLIED = {
+    "nets": ("in_channels", "num_classes", "spatial_dims", "features_per_stage", "kernel_sizes", "strides",
+             "n_blocks_per_stage", "n_conv_per_stage_decoder"),
+    "losses": ("context",),
+    "optimizers": ("params",),
+    "schedules": (),
+    "samplers": ("case_dir", "case_ids", "input_size", "patch_size", "spatial_dims", "slice_axis"),
+    "tile_weights": ("patch_size",),
+    "normalizers": ("stats", "fingerprint"),
+}
+
+
+def _components(recipe: Recipe) -> list[tuple[str, str, Spec]]:
+    """(path, registry kind, spec) of every component the recipe names."""
+    found = [("net", "nets", recipe.net), ("loss", "losses", recipe.loss), ("optimizer", "optimizers",
+             recipe.optimizer), ("schedule", "schedules", recipe.schedule), ("sampler", "samplers", recipe.sampler),
+             ("inference.tile_weighting", "tile_weights", recipe.inference.tile_weighting)]
+    for i, spec in enumerate(recipe.planning.normalization or ()):
+        found.append((f"planning.normalization[{i}]", "normalizers", spec))
+    return found
+
+
+def accepted_kwargs(kind: str, name: str) -> list[str] | None:
+    """Keyword arguments a recipe may give the component (None: any, it takes ``**kwargs``)."""
+    target = get(kind, name)
+    if kind == "normalizers":
+        target = target.plan
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in SUPPLIED.get(kind, ()) and p.name != "self"]
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Check that every component is registered and takes the kwargs given; returns the recipe.
+
+    Raises:
+        RecipeError: naming the field, and the registered names or the accepted kwargs.
+    """
+    try:
+        get("planners", recipe.planner)
+        get("augmentations", recipe.augment.name)
+    except KeyError as err:
+        raise RecipeError(str(err).strip("'\"")) from None
+    for path, kind, spec in _components(recipe):
+        try:
+            accepted = accepted_kwargs(kind, spec.name)
+        except KeyError as err:
+            raise RecipeError(f"{path}: {str(err).strip(chr(34))}") from None
+        supplied = [k for k in spec.kwargs if k in SUPPLIED.get(kind, ())]
+        if supplied:
+            raise RecipeError(f"{path}: {', '.join(supplied)} {'is' if len(supplied) == 1 else 'are'} set by the "
+                              f"framework, not the recipe (the planner's topology: see the planning.* settings)")
+        unknown = [] if accepted is None else [k for k in spec.kwargs if k not in accepted]
+        if unknown:
+            raise RecipeError(f"{path}: '{spec.name}' takes no {', '.join(unknown)}; it takes "
+                              f"{', '.join(accepted) or 'no settings'}")
+    return recipe
+
+
+RECIPE_FILE = "recipe.json"  # the resolved recipe, next to every trained model
+
+
+def saved_recipe(folder: str | Path) -> Recipe | None:
+    """The resolved recipe a model folder was trained with (its ``recipe.json``), or None when it has none."""
+    path = Path(folder) / RECIPE_FILE
+    return Recipe.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def get_recipe(name: str) -> Recipe:
+    """Build the registered recipe ``name``."""
+    recipe = get("recipes", name)()
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe '{name}' returned {type(recipe).__name__}, not a Recipe")
+    return recipe
+
+
+def resolve_recipe(name: str, overrides: Sequence[str] = (), **values: Any) -> Recipe:
+    """The registered recipe ``name`` with dotted ``overrides`` and top-level ``values`` applied, validated."""
+    recipe = get_recipe(name).with_overrides(overrides)
+    values = {k: v for k, v in values.items() if v is not None}
+    return validate(replace(recipe, **values) if values else recipe)

@@ -1,0 +1,149 @@
+"""Build a run's components from its recipe and plans, all through the registry: network, loss, optimiser, schedule,
+augmentation, sampler, normalisation and tile weighting.
+
+Training, the budget probe, prediction and planning all build here, so each component is made one way only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decathlete import registry
+from decathlete.augment import AugmentConfig
+from decathlete.augment.presets import sampling_size
+from decathlete.labels import LabelScheme, check_regions
+from decathlete.losses.base import LossContext, TrainingLoss
+from decathlete.losses.deep_supervision import ds_weights
+from decathlete.planning.plans import Configuration, Plans
+from decathlete.recipes.base import PLAN_FIELDS, Recipe, RecipeError, Spec
+
+
+def build_network(config: Configuration, plans: Plans) -> torch.nn.Module:
+    """The registered network the plan describes (the same description the memory estimate used)."""
+    labels = LabelScheme.from_dataset(plans.dataset)
+    return registry.build("nets", config.network.name, in_channels=len(plans.dataset["channel_names"]),
+                          num_classes=labels.num_outputs, **config.network.kwargs)
+
+
+def loss_context(config: Configuration, plans: Plans, world_size: int = 1) -> LossContext:
+    """What the recipe's loss learns about the run: outputs, deep-supervision weights, the plan's batch Dice."""
+    n_outputs = len(config.strides) - 1
+    # Under DDP every head needs a gradient: a tiny weight instead of 0 for the lowest one (nnU-Net's trick).
+    weights = ds_weights(n_outputs, last_weight=1e-6 if world_size > 1 else 0.0)
+    return LossContext(LabelScheme.from_dataset(plans.dataset), weights, config.batch_dice)
+
+
+def build_loss(recipe: Recipe, config: Configuration, plans: Plans, world_size: int = 1) -> TrainingLoss:
+    """The recipe's loss as the training step calls it, ``loss(output, batch)`` (`decathlete.losses.base`)."""
+    context = loss_context(config, plans, world_size)
+    entry = registry.get("losses", recipe.loss.name)
+    if isinstance(entry, type) and issubclass(entry, TrainingLoss):
+        return entry(**recipe.loss.kwargs, context=context)
+    return context.logits_loss(recipe.loss.name, recipe.loss.kwargs)
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the model's parameters."""
+    return registry.build("optimizers", recipe.optimizer.name, params=model.parameters(), **recipe.optimizer.kwargs)
+
+
+def build_schedule(recipe: Recipe) -> Callable[[int, int], float]:
+    """The recipe's learning-rate schedule: ``(step, total) -> factor`` of the optimiser's base ``lr``."""
+    return registry.build("schedules", recipe.schedule.name, **recipe.schedule.kwargs)
+
+
+def base_learning_rate(recipe: Recipe) -> float:
+    return float(recipe.optimizer.kwargs.get("lr", 1e-2))
+
+
+def build_augmentation(recipe: Recipe, config: Configuration) -> tuple[AugmentConfig, tuple[int, ...]]:
+    """The recipe's augmentation for this configuration (preset + overrides) and the crop size it needs."""
+    base = registry.build("augmentations", recipe.augment.name, configuration=config)
+    overrides = {k: v for k, v in asdict(recipe.augment).items() if k != "name" and v is not None}
+    augmentation = replace(base, **overrides)
+    return augmentation, sampling_size(augmentation, config.patch_size)
+
+
+def mirror_axes(recipe: Recipe, config: Configuration) -> tuple[int, ...]:
+    """Test-time mirroring axes: the recipe's, or the patch axes mirrored in training (nnU-Net: all of them)."""
+    if recipe.inference.mirror_axes is not None:
+        return tuple(recipe.inference.mirror_axes)
+    augmentation, _ = build_augmentation(recipe, config)
+    if augmentation.p_mirror <= 0:
+        return ()
+    return tuple(range(config.spatial_dims)) if augmentation.mirror_axes is None else tuple(augmentation.mirror_axes)
+
+
+def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_ids: Sequence[str],
+                  input_size: Sequence[int]) -> Any:
+    """The recipe's patch sampler over ``case_ids`` of the preprocessed folder, crops of ``input_size``."""
+    return registry.build("samplers", recipe.sampler.name, case_dir=cases_dir, case_ids=list(case_ids),
+                          input_size=input_size, patch_size=config.patch_size, spatial_dims=config.spatial_dims,
+                          slice_axis=int(config.resampling.get("slice_axis", 0)), **recipe.sampler.kwargs)
+
+
+def build_tile_weights(recipe: Recipe) -> Callable[[Sequence[int]], torch.Tensor]:
+    """The recipe's tile weighting, ``patch_size -> weight map``."""
+    spec = recipe.inference.tile_weighting
+    return partial(registry.get("tile_weights", spec.name), **spec.kwargs)
+
+
+def _by_channel_name(name: str) -> Spec:
+    """nnU-Net's rule: ``CT`` channels get CT normalisation, ``noNorm`` none, everything else a z-score (names are
+    matched case-insensitively, as nnU-Net does)."""
+    name = name.strip().lower()
+    return Spec("none") if name in ("nonorm", "none") else Spec("ct") if name == "ct" else Spec("zscore")
+
+
+def build_normalization(recipe: Recipe, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """One normalisation spec per channel for plans.json: the recipe's schemes, or nnU-Net's rule by channel name."""
+    channels = fingerprint["foreground_intensity"]
+    chosen = recipe.planning.normalization
+    if chosen and len(chosen) not in (1, len(channels)):
+        raise RecipeError(f"planning.normalization names {len(chosen)} schemes for {len(channels)} channels: give "
+                          "one for all channels or one per channel")
+    specs = []
+    for c, stats in enumerate(channels):
+        spec = (chosen[0] if len(chosen) == 1 else chosen[c]) if chosen else _by_channel_name(stats["name"])
+        specs.append(registry.get("normalizers", spec.name).plan(stats, fingerprint, **spec.kwargs))
+    return specs
+
+
+def with_recipe_regions(dataset: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The dataset summary with the recipe's regions (they win over a dataset.json's), checked against its labels."""
+    if recipe.regions is None:
+        return dataset
+    regions, order = recipe.regions.regions, recipe.regions.class_order
+    problems = check_regions(regions, order, dataset["label_values"])
+    if problems:
+        raise RecipeError(f"recipe '{recipe.name}' regions do not fit {dataset.get('name')}: {'; '.join(problems)}")
+    return {**dataset, "regions": {k: list(v) for k, v in regions.items()}, "regions_class_order": list(order),
+            "regions_source": f"recipe {recipe.name}"}
+
+
+def check_against_plans(recipe: Recipe, plans: Plans, config: Configuration, workdir: str | Path) -> None:
+    """Refuse a recipe that would train on plans made for another network, planner, planning or regions.
+
+    Raises:
+        RecipeError: naming what differs and the command that re-plans for this recipe.
+    """
+    differing = []
+    if plans.recipe_settings is not None:
+        differing = recipe.differences(Recipe.from_dict(plans.recipe_settings), PLAN_FIELDS)
+    planned = config.network
+    wanted = json.loads(json.dumps(recipe.net.kwargs))
+    if planned.name != recipe.net.name or any(planned.kwargs.get(k) != v for k, v in wanted.items()):
+        differing = sorted({*differing, "net"})
+    if differing:
+        raise RecipeError(
+            f"the plans in {workdir} were made for recipe '{plans.recipe}' (network {planned.name}); recipe "
+            f"'{recipe.name}' differs in {', '.join(differing)}. Plan for it first: decathlete plan "
+            f"{plans.dataset.get('root', 'DATASET')} -o NEW_WORKDIR --recipe {recipe.name} (with the same --set "
+            f"options), then preprocess and train there")

@@ -1,0 +1,51 @@
+"""The trainer's batch sources: training crops from background workers and the fixed validation patches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from decathlete.data.loader import BatchStream
+
+VALIDATION_SEED_OFFSET = 1_000_003  # validation patches never coincide with training ones
+
+
+class TrainBatches:
+    """Augmentation-ready training crops from background workers, batch ``i`` a pure function of (seed, rank, i).
+
+    Args:
+        sampler: the recipe's sampler (`decathlete.recipes.build.build_sampler`), crops of the augmentation's size.
+        batch_size, seed, rank, start_batch, num_workers, pin_memory: see `decathlete.data.loader.BatchStream`.
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, seed: int, rank: int, start_batch: int, num_workers: int,
+                 pin_memory: bool) -> None:
+        self.stream = BatchStream(sampler, batch_size, seed, rank, start_batch, num_workers, pin_memory)
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.stream)
+        return batch.image.to(device, non_blocking=True), batch.label.to(device, non_blocking=True)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class ValidationBatches:
+    """The same ``n`` un-augmented validation patches every epoch (foreground oversampled as in training).
+
+    Args:
+        sampler: the recipe's sampler over the validation cases, crops of the patch size.
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, seed: int, rank: int, n_batches: int) -> None:
+        self.sampler = sampler
+        self.batch_size, self.seed, self.rank, self.n_batches = batch_size, seed, rank, n_batches
+
+    def iterate(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(self.n_batches):
+            rng = np.random.default_rng([self.seed + VALIDATION_SEED_OFFSET, self.rank, i])
+            image, label, _ = self.sampler.sample_batch(self.batch_size, rng)
+            yield torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)

@@ -1,0 +1,115 @@
+"""A training run's records: its resolved settings and recipe, its changing state, and the files of its fold folder.
+
+The fold folder holds everything needed to rebuild and reproduce the model: ``plans.json``, ``recipe.json`` (the
+resolved recipe, read back by predict, crossval and ``--resume``), ``run.json`` (settings, command, versions,
+plugins) and the checkpoints, each written atomically and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decathlete import __version__, registry
+from decathlete.io import checkpoint as ckpt
+from decathlete.io.atomic import is_temporary_of, write_json_atomic
+from decathlete.planning.plans import Configuration, Plans
+from decathlete.recipes.base import RECIPE_FILE
+from decathlete.train.progress import plot_progress
+
+
+@dataclass
+class RunSettings:
+    """The resolved settings of one training run (JSON, saved with the model; --resume refuses other ones)."""
+
+    configuration: str
+    fold: int
+    recipe: dict[str, Any]
+    seed: int = 0
+    val_iterations: int = 50
+    num_workers: int = 2
+    device: str = "cpu"
+    compile: bool = False
+    checkpoint_every: int = 1
+    time_budget: float | None = None
+
+    @property
+    def epochs(self) -> int:
+        return int(self.recipe["epochs"])
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return int(self.recipe["iterations_per_epoch"])
+
+
+@dataclass
+class TrainState:
+    """What changes during training (saved in every checkpoint)."""
+
+    epoch: int = 0
+    step: int = 0
+    ema_dice: float | None = None
+    best_ema: float = -1.0
+    seconds: float = 0.0
+    history: dict[str, list] = field(default_factory=lambda: {
+        "train_loss": [], "val_loss": [], "pseudo_dice": [], "ema_dice": [], "lr": [], "epoch_seconds": [],
+        "pseudo_dice_per_class": []})
+
+
+def model_folder(workdir: str | Path, configuration: str, recipe: str, fold: int) -> Path:
+    """``WORKDIR/models/<configuration>/<recipe>/fold_<k>``."""
+    return Path(workdir) / "models" / configuration / recipe / f"fold_{fold}"
+
+
+def write_run_files(out: Path, plans: Plans, config: Configuration, settings: RunSettings) -> None:
+    """Everything needed to rebuild and reproduce the model, next to its checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    plans.save(out / "plans.json")
+    write_json_atomic(out / RECIPE_FILE, settings.recipe)
+    write_json_atomic(out / "run.json", {
+        "settings": asdict(settings), "configuration": asdict(config), "command": sys.argv,
+        "versions": {"decathlete": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "plugins": registry.loaded_plugins()})
+    for stale in out.glob(".tmp-*"):  # what writes cut short by a kill left behind
+        if is_temporary_of(stale):
+            stale.unlink(missing_ok=True)
+
+
+def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+         settings: RunSettings) -> None:
+    ckpt.save_checkpoint(path, {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                "state": asdict(state), "settings": asdict(settings), "version": __version__})
+
+
+def save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+               settings: RunSettings, final: bool = False) -> None:
+    """The checkpoints of an epoch's end: best (by EMA pseudo-Dice), latest, and the progress plot."""
+    if state.ema_dice is not None and state.ema_dice > state.best_ema:
+        state.best_ema = state.ema_dice
+        save(out / ckpt.BEST, model, optimizer, state, settings)
+    if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs or final:
+        save(out / ckpt.LATEST, model, optimizer, state, settings)
+    plot_progress(state.history, out / "progress.png")
+
+
+def restore(out: Path, settings: RunSettings, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> TrainState:
+    """Load the latest checkpoint; the recipe apart from its length must match (a longer run extends it)."""
+    saved = ckpt.load_checkpoint(out / ckpt.LATEST)
+    old = {k: v for k, v in saved["settings"]["recipe"].items() if k != "epochs"}
+    new = {k: v for k, v in settings.recipe.items() if k != "epochs"}
+    if old != new or saved["settings"]["seed"] != settings.seed:
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ValueError(f"--resume: the recipe or seed differs from the run in {out} (recipe fields: "
+                         f"{', '.join(changed) or 'none'}; seed {saved['settings']['seed']} vs {settings.seed}); "
+                         "start a new run elsewhere or use the same settings")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(**saved["state"])
