@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/decathlete demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -138,6 +138,36 @@ def test_sliding_window_has_no_seams(shape: tuple[int, ...], patch: tuple[int, .
     torch.testing.assert_close(mirrored, expected, atol=1e-5, rtol=0)
 
 
+class _TileMean(torch.nn.Module):
+    """Each tile's output is the mean of its input, everywhere: overlapping tiles disagree, so weights matter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(1, x.ndim)), keepdim=True).expand(x.shape[0], 1, *x.shape[2:])
+
+
+@pytest.mark.parametrize("weighting", ["constant", "center", "gaussian"])
+def test_tile_weightings_average_overlapping_tiles_by_their_weights(weighting: str) -> None:
+    from decathlete import registry
+
+    image = torch.arange(20 * 12, dtype=torch.float32).reshape(1, 20, 12) ** 1.5
+    patch = (8, 12)
+    weights = registry.get("tile_weights", weighting)(patch)
+    assert weights.shape == patch and bool((weights > 0).all())
+    got = sliding_window_predict(_TileMean(), image[None], patch, 1, step=0.5, tile_weights=lambda p: weights)
+    # by hand: tiles start at 0, 4, 8, 12 along the first axis; each voxel averages its tiles' means by weight
+    num, den = torch.zeros(20, 12, dtype=torch.float64), torch.zeros(20, 12, dtype=torch.float64)
+    for start in (0, 4, 8, 12):
+        tile = image[0, start:start + 8]
+        num[start:start + 8] += tile.double().mean() * weights.double()
+        den[start:start + 8] += weights.double()
+    torch.testing.assert_close(got[0, 0].double(), num / den, rtol=1e-5, atol=1e-3)
+    if weighting == "center":  # the centre half of each tile decides wherever a tile's centre covers the voxel
+        assert weights[2:6, 3:9].eq(1).all() and weights[:2].lt(0.01).all() and weights[:, :3].lt(0.01).all()
+        torch.testing.assert_close(got[0, 0, 6, 6].double(), image[0, 4:12].double().mean(), rtol=1e-2, atol=0)
+    if weighting == "gaussian":
+        torch.testing.assert_close(weights, gaussian_importance(patch))
+
+
 def test_whole_volume_patch_hand_computed() -> None:
     # 43x59x47 with patch 40x56x40 and divisor 8x8x8: 2x2x2 = 8 tiles (716,800 voxels) vs one 48x64x48 (147,456)
     assert whole_volume_patch((43, 59, 47), (40, 56, 40), (8, 8, 8)) == (48, 64, 48)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from decathlete import registry
 from decathlete.nets.unet import DynamicUNet
 from decathlete.planning import rules
 from decathlete.planning.plans import Plans
@@ -162,3 +163,70 @@ def test_plans_json_round_trip(tmp_path) -> None:
     with pytest.raises(KeyError, match="available"):
         loaded.configuration("3d_cascade")
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _plan(fp: dict, *overrides: str) -> Plans:
+    return rules.plan_nnunet(fp, {"name": "fake"}, get_recipe("default").with_overrides(list(overrides)))
+
+
+def test_recipe_fixes_spacing_patch_and_batch() -> None:
+    fp = fake_fingerprint((60, 200, 200), (2.5, 0.8, 0.8))
+    default = _plan(fp).configurations["3d_fullres"]
+    fixed = _plan(fp, "planning.target_spacing=[2.0, 1.0, 1.0]", "planning.patch_size_3d=[30, 100, 100]",
+                  "planning.batch_size=1").configurations["3d_fullres"]
+    assert fixed.spacing == [2.0, 1.0, 1.0] and fixed.batch_size == 1
+    divisor = np.prod(fixed.strides, axis=0)  # padded up to what its pooling needs, never shrunk
+    assert all(p % d == 0 and 0 <= p - w < d for p, w, d in zip(fixed.patch_size, (30, 100, 100), divisor))
+    assert fixed.median_shape == [75, 160, 160] and default.batch_size >= 2
+    assert fixed.memory_estimate_gb < default.memory_estimate_gb * 2
+
+
+def test_recipe_chooses_widths_blocks_and_batch_floor() -> None:
+    fp = fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0), n_cases=2)
+    full = _plan(fp, "planning.base_features=16", "planning.max_features_3d=64", "planning.n_blocks_per_stage=[1, 2]",
+                 "planning.n_conv_per_stage_decoder=1", "planning.min_batch_size=1").configurations["3d_fullres"]
+    assert full.features_per_stage == [16, 32, 64, 64][: full.n_stages]
+    assert full.network.kwargs["n_blocks_per_stage"] == [1] + [2] * (full.n_stages - 1)
+    assert full.network.kwargs["n_conv_per_stage_decoder"] == 1
+    # two tiny cases: 5% of the dataset's voxels is less than one patch, so only the floor of 1 holds the batch
+    assert full.batch_size == 1 and _plan(fp).configurations["3d_fullres"].batch_size == 2
+
+
+def test_recipe_normalisation_per_channel_or_for_all() -> None:
+    fp = fake_fingerprint((64, 64, 64), (1.0, 1.0, 1.0), channels=("CT", "T2"), crop_fraction=0.6)
+    both = _plan(fp, 'planning.normalization=["none"]').configurations["3d_fullres"].normalization
+    assert both == [{"scheme": "none"}, {"scheme": "none"}]
+    each = _plan(fp, 'planning.normalization=[{"name": "ct", "kwargs": {"clip": [-100, 200]}}, '
+                     '{"name": "zscore", "kwargs": {"use_nonzero_mask": false}}]').configurations["2d"].normalization
+    assert each == [{"scheme": "ct", "clip": [-100, 200], "mean": 10.0, "std": 2.0},
+                    {"scheme": "zscore", "use_nonzero_mask": False}]
+    with pytest.raises(ValueError, match="3 schemes for 2 channels"):
+        _plan(fp, 'planning.normalization=["ct", "ct", "ct"]')
+
+
+@pytest.mark.parametrize(("mode", "keep", "slice_spacing", "identifier"), [
+    ("keep", True, 4.0, "2d"), ("target", False, 4.0, "2d_target"), ("in_plane", False, 0.8, "2d_in_plane")])
+def test_2d_slice_axis_is_kept_or_resampled(mode: str, keep: bool, slice_spacing: float, identifier: str) -> None:
+    fp = fake_fingerprint((30, 256, 256), (4.0, 0.8, 0.8))
+    two_d = _plan(fp, f"planning.slice_axis_spacing_2d={mode}").configurations["2d"]
+    assert two_d.resampling["keep_slice_axis_spacing"] is keep and two_d.data_identifier == identifier
+    assert two_d.spacing == [slice_spacing, 0.8, 0.8] and two_d.resampling["slice_axis"] == 0
+
+
+def test_networks_that_ask_for_it_get_the_patch_size() -> None:
+    @registry.register_net("test_sized_unet")
+    class SizedUNet(DynamicUNet):
+        plan_patch_size = True
+
+        def __init__(self, in_channels: int, num_classes: int, train_patch_size: list[int], **kwargs) -> None:
+            super().__init__(in_channels, num_classes, **kwargs)
+            self.train_patch_size = train_patch_size
+
+    try:
+        full = _plan(fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0)), "net.name=test_sized_unet"
+                     ).configurations["3d_fullres"]
+        assert full.network.kwargs["train_patch_size"] == full.patch_size
+        assert "train_patch_size" not in _plan(fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0))).configurations[
+            "3d_fullres"].network.kwargs
+    finally:
+        registry.unregister("nets", "test_sized_unet")

@@ -91,3 +91,48 @@ def test_registry_builds_unet_from_json_kwargs() -> None:
 def test_bad_block_counts_are_rejected() -> None:
     with pytest.raises(ValueError, match="need 4 encoder block counts"):
         DynamicUNet(1, 2, **TOPOLOGY_3D, n_blocks_per_stage=[2, 2])
+
+
+@pytest.mark.parametrize("block", ["plain", "residual"])
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_generic_meta_device_count_equals_the_closed_form(block: str, deep_supervision: bool) -> None:
+    from decathlete.nets.base import SegmentationNet
+
+    kwargs = {**TOPOLOGY_3D, "block": block, "deep_supervision": deep_supervision,
+              "n_blocks_per_stage": [1, 2, 2, 3] if block == "residual" else 2}
+    generic = SegmentationNet.feature_map_elements.__func__(DynamicUNet, [16, 32, 32], 2, 3, **kwargs)
+    assert generic == DynamicUNet.feature_map_elements([16, 32, 32], 2, 3, **kwargs)
+
+
+def test_blocks_take_another_convolution_by_its_layer_spec() -> None:
+    built = []
+
+    @registry.register_layer("convs", "test_counting")
+    def counting(spatial_dims, c_in, c_out, kernel, stride, bias=False, tag="x"):  # noqa: ANN001, ANN202
+        built.append(tag)
+        return registry.get("convs", "conv")(spatial_dims, c_in, c_out, kernel, stride, bias=bias)
+
+    try:
+        DynamicUNet(1, 2, **TOPOLOGY_3D, conv=["test_counting", {"tag": "t"}])
+        plain = DynamicUNet(1, 2, **TOPOLOGY_3D)
+        n_convs = sum(isinstance(m, nn.Conv3d) for m in plain.modules()) - 3  # less the 1x1 heads
+        assert built == ["t"] * n_convs
+        # another conv spec: the planner's count comes from the generic measurement, which still agrees here
+        assert DynamicUNet.feature_map_elements([16, 32, 32], 1, 2, **TOPOLOGY_3D, conv="test_counting") == \
+            DynamicUNet.feature_map_elements([16, 32, 32], 1, 2, **TOPOLOGY_3D)
+    finally:
+        registry.unregister("convs", "test_counting")
+
+
+def test_net_output_wraps_every_form_of_logits() -> None:
+    from decathlete.nets.base import NetOutput, set_deep_supervision
+
+    t = torch.zeros(1, 2, 4, 4)
+    assert NetOutput.of(t) == NetOutput(t, {}) and NetOutput.of(t).full_resolution is t
+    assert NetOutput.of((t, t[..., ::2, ::2])).logits[0] is t and NetOutput.of([t]).full_resolution is t
+    out = NetOutput([t], {"mu": t})
+    assert NetOutput.of(out) is out
+    net = DynamicUNet(1, 2, **TOPOLOGY_3D)
+    set_deep_supervision(net, False)
+    assert isinstance(net(torch.zeros(1, 1, 8, 16, 16)), torch.Tensor)
+    set_deep_supervision(nn.Identity(), False)  # a network without deep supervision: nothing to switch

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 KINDS = ("recipes", "nets", "convs", "norms", "activations", "losses", "optimizers", "schedules", "planners",
-         "normalizers", "augmentations", "samplers", "tile_weights")
+         "normalizers", "augmentations", "transforms", "samplers", "tile_weights")
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 _PLUGINS: list[str] = []
@@ -34,6 +34,7 @@ _BUILTIN_MODULES = {
     "planners": ("decathlete.planning.rules",),
     "normalizers": ("decathlete.preprocess.normalization",),
     "augmentations": ("decathlete.augment.presets",),
+    "transforms": ("decathlete.augment.presets",),
     "samplers": ("decathlete.data.sampling",),
     "tile_weights": ("decathlete.infer.tile_weights",),
 }
@@ -93,6 +94,11 @@ def register_normalizer(name: str) -> Callable[[Callable[..., Any]], Callable[..
 def register_augmentation(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register an augmentation preset ``(configuration) -> AugmentConfig`` under ``name``."""
     return _register("augmentations", name)
+
+
+def register_transform(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an extra batch transform ``(image, label, generator, **kwargs) -> (image, label)`` under ``name``."""
+    return _register("transforms", name)
 
 
 def register_tile_weights(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

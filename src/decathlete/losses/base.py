@@ -5,7 +5,8 @@ dict of auxiliary tensors) and ``batch`` a `TrainingBatch` (the augmented image,
 every output's grid). A recipe's ``loss`` names one of two kinds of registered loss:
 
 * a loss on logits, ``loss(logits, target)`` (``dice_ce``, ``ce``, ``topk_ce`` ...): the framework applies it to
-  every deep-supervision output with nnU-Net's weights (`LossContext.logits_loss`);
+  every deep-supervision output with nnU-Net's weights (`LossContext.logits_loss`); one whose constructor takes
+  ``region_based`` is told whether the outputs are sigmoid regions (the target is then region masks, not a map);
 * a `TrainingLoss` subclass, built with the recipe's kwargs plus ``context`` (a `LossContext`), which sees the whole
   output and batch: a reconstruction or KL term of a VAE branch, or a term on the input image, needs no change of
   the loop. It composes the segmentation part with ``context.logits_loss(...)``.
@@ -13,6 +14,7 @@ every output's grid). A recipe's ``loss`` names one of two kinds of registered l
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,7 @@ from torch import nn
 from decathlete.labels import LabelScheme
 from decathlete.losses.deep_supervision import DeepSupervisionLoss
 from decathlete.nets.base import NetOutput
-from decathlete.registry import build
+from decathlete.registry import get
 
 
 @dataclass
@@ -84,4 +86,6 @@ class LossContext:
             name, kwargs = "dice_bce", {k: v for k, v in kwargs.items() if k in ("weight_ce", "weight_dice", "smooth")}
         if name in ("dice_ce", "dice_bce"):
             kwargs.setdefault("batch_dice", self.batch_dice)
-        return LogitsLoss(build("losses", name, **kwargs), self.deep_supervision_weights)
+        if "region_based" in inspect.signature(get("losses", name)).parameters:
+            kwargs.setdefault("region_based", self.labels.region_based)
+        return LogitsLoss(get("losses", name)(**kwargs), self.deep_supervision_weights)

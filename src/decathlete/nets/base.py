@@ -2,7 +2,9 @@
 
 * **Construction** ``Net(in_channels, num_classes, **kwargs)``; the kwargs are the plan's ``network.kwargs`` (JSON).
   Networks planned by the ``nnunet`` planner also take its topology: ``spatial_dims``, ``features_per_stage``,
-  ``kernel_sizes`` and ``strides`` (per stage, per axis, array order).
+  ``kernel_sizes``, ``strides`` (per stage, per axis, array order), ``n_blocks_per_stage`` and
+  ``n_conv_per_stage_decoder``; one whose class sets ``plan_patch_size = True`` also gets the training patch as
+  ``train_patch_size`` (a VAE branch's dense layer is sized for it; inference may run at any size).
 * **Training forward** returns the logits, either one tensor ``(B, K, *spatial)`` or the deep-supervision list (full
   resolution first), or a `NetOutput` of those logits plus a dict of auxiliary tensors (a VAE's reconstruction, mean
   and log-variance). `NetOutput.of` turns each of the three into a `NetOutput`, so the loop sees one type.
@@ -51,6 +53,7 @@ class SegmentationNet(nn.Module):
     """Base class of registered networks: the protocol of the module docstring with generic implementations."""
 
     deep_supervision: bool = False
+    plan_patch_size: bool = False
 
     def set_deep_supervision(self, enabled: bool) -> None:
         """Return the deep-supervision list (True, training) or the full-resolution logits only (False)."""

@@ -89,9 +89,13 @@ def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int 
     return strides, kernels, padded, divisor
 
 
-def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels: list[list[int]]) -> dict[str, Any]:
-    """The network description written to plans.json, from the recipe's choices and the topology."""
+def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels: list[list[int]],
+                   patch: list[int] | None = None) -> dict[str, Any]:
+    """The network description written to plans.json, from the recipe's choices and the topology (and the patch,
+    for networks that declare ``plan_patch_size``: a dense layer sized for the training crop)."""
     p = recipe.planning
+    extra = {"train_patch_size": [int(v) for v in patch]} if patch is not None and getattr(
+        get("nets", recipe.net.name), "plan_patch_size", False) else {}
     n_stages = len(strides)
     cap = p.max_features_3d if dims == 3 else p.max_features_2d
     blocks = p.n_blocks_per_stage
@@ -100,7 +104,7 @@ def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels:
     return {**recipe.net.kwargs, "spatial_dims": dims,
             "features_per_stage": [min(p.base_features * 2**i, cap) for i in range(n_stages)],
             "kernel_sizes": kernels, "strides": strides, "n_blocks_per_stage": blocks,
-            "n_conv_per_stage_decoder": p.n_conv_per_stage_decoder}
+            "n_conv_per_stage_decoder": p.n_conv_per_stage_decoder, **extra}
 
 
 def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: int, n_in: int, n_out: int) -> float:
@@ -126,7 +130,7 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         patch = [float(v) for v in fixed_patch]
     net = recipe.net.name
     strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
-    kwargs = network_kwargs(recipe, dims, strides, kernels)
+    kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     smallest_batch = p.batch_size or p.min_batch_size
     while fixed_patch is None and memory_gb(net, kwargs, patch, smallest_batch, n_in, n_out) > budget_gb:
         ratios = np.asarray(patch) / np.asarray(median_shape)
@@ -136,7 +140,7 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         divisor = pool_and_conv_props(spacing, trial)[3]
         patch[axis] -= divisor[axis]
         strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
-        kwargs = network_kwargs(recipe, dims, strides, kernels)
+        kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
     batch = round(budget_gb / per_sample)
     batch_cap = round(dataset_voxels * p.max_dataset_covered / float(np.prod(patch)))

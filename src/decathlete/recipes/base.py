@@ -108,12 +108,14 @@ def _augment_fields() -> list[tuple[str, Any, Any]]:
     return [(f.name, hints[f.name] | None, dataclasses.field(default=None)) for f in fields(AugmentConfig)]
 
 
-# Every field of `AugmentConfig`, None = the preset's value, plus the preset's registry key ``name``.
-Augmentation = make_dataclass("Augmentation", [("name", str, dataclasses.field(default="nnunet")), *_augment_fields()],
-                              frozen=True)
+# Every field of `AugmentConfig`, None = the preset's value, plus the preset's registry key ``name`` and ``extra``.
+Augmentation = make_dataclass("Augmentation", [("name", str, dataclasses.field(default="nnunet")),
+                                               ("extra", tuple[Spec, ...], dataclasses.field(default=())),
+                                               *_augment_fields()], frozen=True)
 Augmentation.__module__ = __name__
 Augmentation.__doc__ = ("Augmentation: a preset (registry kind ``augmentations``, ``nnunet`` = nnU-Net's settings for "
-                        "the configuration) and overrides of any `AugmentConfig` field (None = the preset's value).")
+                        "the configuration), overrides of any `AugmentConfig` field (None = the preset's value), and "
+                        "``extra`` batch transforms (registry kind ``transforms``) applied after them, in order.")
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,7 @@ SUPPLIED = {
     "schedules": (),
     "samplers": ("case_dir", "case_ids", "input_size", "patch_size", "spatial_dims", "slice_axis"),
     "tile_weights": ("patch_size",),
+    "transforms": ("image", "label", "generator"),
     "normalizers": ("stats", "fingerprint"),
 }
 
@@ -336,6 +339,8 @@ def _components(recipe: Recipe) -> list[tuple[str, str, Spec]]:
              ("inference.tile_weighting", "tile_weights", recipe.inference.tile_weighting)]
     for i, spec in enumerate(recipe.planning.normalization or ()):
         found.append((f"planning.normalization[{i}]", "normalizers", spec))
+    for i, spec in enumerate(recipe.augment.extra):
+        found.append((f"augment.extra[{i}]", "transforms", spec))
     return found
 
 

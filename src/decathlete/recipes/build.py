@@ -66,9 +66,14 @@ def base_learning_rate(recipe: Recipe) -> float:
 def build_augmentation(recipe: Recipe, config: Configuration) -> tuple[AugmentConfig, tuple[int, ...]]:
     """The recipe's augmentation for this configuration (preset + overrides) and the crop size it needs."""
     base = registry.build("augmentations", recipe.augment.name, configuration=config)
-    overrides = {k: v for k, v in asdict(recipe.augment).items() if k != "name" and v is not None}
+    overrides = {k: v for k, v in asdict(recipe.augment).items() if k not in ("name", "extra") and v is not None}
     augmentation = replace(base, **overrides)
     return augmentation, sampling_size(augmentation, config.patch_size)
+
+
+def build_transforms(recipe: Recipe) -> list[Callable[..., Any]]:
+    """The recipe's extra batch transforms, ``(image, label, generator) -> (image, label)``, in order."""
+    return [partial(registry.get("transforms", spec.name), **spec.kwargs) for spec in recipe.augment.extra]
 
 
 def mirror_axes(recipe: Recipe, config: Configuration) -> tuple[int, ...]:

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from decathlete.losses.deep_supervision import downsample_target, ds_factors
 from decathlete.nets.base import NetOutput
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.base import Recipe
-from decathlete.recipes.build import build_augmentation, build_loss
+from decathlete.recipes.build import build_augmentation, build_loss, build_transforms
 
 
 class TrainStep:
@@ -32,12 +33,13 @@ class TrainStep:
         config: the configuration (patch size, strides for the deep-supervision grids, dimensionality).
         grad_clip: gradient-norm clip, or None.
         device: where the step runs; CUDA adds fp16 autocast with a gradient scaler.
+        transforms: extra batch transforms after the augmentation, ``(image, label, generator) -> (image, label)``.
     """
 
     def __init__(self, net: torch.nn.Module, loss: TrainingLoss, optimizer: torch.optim.Optimizer,
                  augmentation: AugmentConfig, labels: LabelScheme, config: Configuration, grad_clip: float | None,
-                 device: torch.device) -> None:
-        self.net, self.loss, self.optimizer = net, loss, optimizer
+                 device: torch.device, transforms: Sequence[Callable[..., Any]] = ()) -> None:
+        self.net, self.loss, self.optimizer, self.transforms = net, loss, optimizer, list(transforms)
         self.augmentation, self.labels, self.grad_clip, self.device = augmentation, labels, grad_clip, device
         self.patch_size, self.dims = list(config.patch_size), config.spatial_dims
         self.factors = ds_factors(config.strides)
@@ -53,6 +55,8 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image, label = augment(image, label, self.patch_size, self.augmentation, generator)
+        for transform in self.transforms:
+            image, label = transform(image, label, generator)
         batch = self.batch(image, label)
         with autocast(self.device):
             output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
@@ -83,4 +87,6 @@ def build_step(recipe: Recipe, config: Configuration, plans: Plans, net: torch.n
     augmentation, input_size = build_augmentation(recipe, config)
     loss = build_loss(recipe, config, plans, world_size).to(device)
     labels = LabelScheme.from_dataset(plans.dataset)
-    return TrainStep(net, loss, optimizer, augmentation, labels, config, recipe.grad_clip, device), input_size
+    step = TrainStep(net, loss, optimizer, augmentation, labels, config, recipe.grad_clip, device,
+                     build_transforms(recipe))
+    return step, input_size
