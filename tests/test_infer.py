@@ -28,12 +28,7 @@ TRAIN_SHAPE = (16, 40, 40)  # (z, y, x); the synthetic spacing is about (3.0, 1.
 TEST_SPACING_ZYX = (2.2, 1.1, 0.9)  # differs from the training spacing on every axis: resampling both ways
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

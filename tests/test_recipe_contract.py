@@ -27,12 +27,7 @@ SHAPE = (16, 40, 40)
 QUICK = {"iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu", "num_workers": 0, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "work"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and immune to a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fresh(workdir: Path, tmp_path: Path, name: str) -> Path:
