@@ -230,3 +230,27 @@ def test_networks_that_ask_for_it_get_the_patch_size() -> None:
             "3d_fullres"].network.kwargs
     finally:
         registry.unregister("nets", "test_sized_unet")
+
+
+def test_a_normalisation_scheme_may_ask_for_the_dataset() -> None:
+    seen = {}
+
+    @registry.register_normalizer("test_windowed")
+    class Windowed:
+        @staticmethod
+        def plan(stats, fingerprint, dataset, window=(-100, 200)):  # noqa: ANN001, ANN205
+            seen["dataset"] = dataset
+            return {"scheme": "test_windowed", "window": list(window)}
+
+        @staticmethod
+        def apply(channel, spec, mask=None):  # noqa: ANN001, ANN205
+            return channel
+
+    try:
+        fp = fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0))
+        plans = rules.plan_nnunet(fp, {"name": "fake", "root": "/data"}, get_recipe("default").with_overrides(
+            ['planning.normalization=[{"name": "test_windowed", "kwargs": {"window": [0, 80]}}]']))
+        assert plans.configurations["3d_fullres"].normalization == [{"scheme": "test_windowed", "window": [0, 80]}]
+        assert seen["dataset"]["root"] == "/data"
+    finally:
+        registry.unregister("normalizers", "test_windowed")

@@ -167,3 +167,28 @@ def test_recipe_regions_turn_a_label_map_into_sigmoid_regions(data: tuple[Path, 
     assert predictor.region_based and predictor.num_classes == 2
     label, probabilities = predictor.predict_case(_big_case(data[1]), return_probabilities=True)
     assert set(np.unique(label).tolist()) <= {0, 1, 2} and probabilities.shape[0] == 2
+
+
+def test_regions_may_name_labels_of_the_dataset(data: tuple[Path, Path], tmp_path: Path) -> None:
+    raw = Plans.load(data[0] / "plans.json").dataset["root"]
+    by_name = api.plan(raw, tmp_path / "a", recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"],
+                       overrides=['regions={"regions": {"all": ["Organ", 2], "lesion": ["lesion"]}, '
+                                  '"class_order": ["organ", "lesion"]}'])
+    assert by_name.dataset["regions"] == {"all": [1, 2], "lesion": [2]}
+    assert by_name.dataset["regions_class_order"] == [1, 2]
+    with pytest.raises(RecipeError, match="name the label 'liver'.*its labels: background, organ, lesion"):
+        api.plan(raw, tmp_path / "b", recipe="tiny", workers=1, progress=False,
+                 overrides=['regions={"regions": {"x": ["liver"]}, "class_order": ["liver"]}'])
+
+
+def test_inference_tiles_up_to_the_recipes_maximum(work: Path, data: tuple[Path, Path]) -> None:
+    api.train(work, "3d_fullres", 0, epochs=1, **QUICK)
+    plain = Predictor(work, device="cpu")
+    capped = Predictor(work, device="cpu", overrides=["inference.max_tile=[16, 48, 256]"])
+    patch, divisor = plain.config.patch_size, capped.divisor
+    assert plain.tile_size([50, 70, 90]) == patch
+    expected = [max(p, min(-(-n // d) * d, c // d * d)) for n, p, c, d in zip([50, 70, 90], patch, [16, 48, 256],
+                                                                                   divisor)]
+    assert capped.tile_size([50, 70, 90]) == expected and expected[2] == -(-90 // divisor[2]) * divisor[2]
+    label, _ = capped.predict_case(_big_case(data[1]))
+    assert label.shape == (24, 60, 60)

@@ -152,3 +152,27 @@ def test_deterministic_and_picklable(tmp_path: Path) -> None:
     assert first[2] != other[2]
     forced = [m["forced"] for _ in range(50) for m in sampler.sample_batch(6, np.random.default_rng(_))[2]]
     assert 0.2 < np.mean(forced) < 0.5  # probabilistic: about 33% of samples, anywhere in the batch
+
+
+def test_case_weights_set_how_often_each_case_is_drawn(tmp_path: Path) -> None:
+    for i in range(3):
+        write_case(tmp_path, f"c{i}", sparse_seg((10, 12, 14)))
+    sampler = PatchSampler(tmp_path, ["c0", "c1", "c2"], (8, 8, 8), case_weights={"c0": 3.0, "c2": 0.0})
+    np.testing.assert_allclose(sampler.case_probabilities, [0.75, 0.25, 0.0])
+    drawn = [m["case_id"] for s in range(400) for m in sampler.sample_batch(2, np.random.default_rng(s))[2]]
+    assert drawn.count("c2") == 0 and abs(drawn.count("c0") / len(drawn) - 0.75) < 0.05  # 800 draws: sd 0.015
+    with pytest.raises(ValueError, match="non-negative"):
+        PatchSampler(tmp_path, ["c0"], (8, 8, 8), case_weights={"c0": -1.0})
+    uniform = PatchSampler(tmp_path, ["c0", "c1", "c2"], (8, 8, 8))
+    assert uniform.case_probabilities is None and uniform.case_properties("c1")["cache_format"] == "b2nd"
+
+
+def test_learning_rate_schedules_by_hand() -> None:
+    from decathlete import registry
+
+    poly = registry.build("schedules", "poly", power=0.9)
+    assert poly(0, 100) == 1.0 and poly(50, 100) == pytest.approx(0.5**0.9) and poly(100, 100) == 0.0
+    step = registry.build("schedules", "exponential", gamma=0.5, every=10)
+    assert [step(s, 1000) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="every"):
+        registry.build("schedules", "exponential", every=0)

@@ -108,6 +108,7 @@ class PatchSampler:
         probabilistic_oversampling: force each sample with that probability instead of the last ones of a batch.
         patch_size: final patch, same axes as ``input_size``; the margin ``input_size - patch_size`` sets how far
             random windows may leave the volume. None = no margin (windows stay inside volumes larger than them).
+        case_weights: relative probability of each case id being drawn (ids not named weigh 1); None = uniform.
         max_open_cases: open case handles kept per process (each blosc2 file holds a descriptor); least recently
             used ones are closed beyond that.
 
@@ -127,6 +128,7 @@ class PatchSampler:
         probabilistic_oversampling: bool = False,
         patch_size: Sequence[int] | None = None,
         max_open_cases: int = 256,
+        case_weights: dict[str, float] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -149,6 +151,12 @@ class PatchSampler:
         self.oversample_foreground = float(oversample_foreground)
         self.probabilistic_oversampling = probabilistic_oversampling
         self.max_open_cases = max(1, int(max_open_cases))
+        self.case_probabilities = None
+        if case_weights is not None:
+            weights = np.array([float(case_weights.get(c, 1.0)) for c in self.case_ids])
+            if (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"case_weights must be non-negative and not all 0, got {case_weights}")
+            self.case_probabilities = weights / weights.sum()
         self._open: OrderedDict[str, _OpenCase] = OrderedDict()
         self._pid = os.getpid()
 
@@ -173,7 +181,9 @@ class PatchSampler:
         return case
 
     def choose_case(self, rng: np.random.Generator) -> str:
-        """The case the next sample is cut from: uniformly random, as nnU-Net."""
+        """The case the next sample is cut from: uniformly random, as nnU-Net, or by ``case_weights``."""
+        if self.case_probabilities is not None:
+            return self.case_ids[int(rng.choice(len(self.case_ids), p=self.case_probabilities))]
         return self.case_ids[int(rng.integers(len(self.case_ids)))]
 
     def case_properties(self, case_id: str) -> dict[str, Any] | None:

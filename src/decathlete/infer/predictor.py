@@ -222,9 +222,22 @@ class Predictor:
         set_deep_supervision(net, False)  # only the full-resolution head is used: skip the others
         return net.to(self.device, memory_format=memory_format(self.device, self.config.spatial_dims)).eval()
 
+    def tile_size(self, shape: Sequence[int]) -> list[int]:
+        """The sliding-window tile for an image of ``shape`` (z, y, x): the training patch, or with the recipe's
+        ``inference.max_tile`` the image's size rounded up to the network's divisibility, capped there."""
+        patch, cap = list(self.config.patch_size), self.recipe.inference.max_tile
+        if cap is None:
+            return patch
+        if len(patch) == 2:  # a 2D network sees the in-plane axes
+            axis = int(self.config.resampling.get("slice_axis", 0))
+            shape = [n for a, n in enumerate(shape) if a != axis]
+        return [max(p, min(-(-int(n) // d) * d, int(c) // d * d))
+                for n, p, c, d in zip(shape, patch, cap, self.divisor)]
+
     def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         axis = int(self.config.resampling.get("slice_axis", 0))
-        run = partial(sliding_window_predict, net, image, self.config.patch_size, self.num_classes, self.step,
+        tile = self.tile_size(image.shape[1:])
+        run = partial(sliding_window_predict, net, image, tile, self.num_classes, self.step,
                       self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis,
                       whole_volume_divisor=self.divisor if self.whole_volume else None,
                       tile_weights=self.tile_weights)  # fmt: skip

@@ -174,7 +174,7 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
     resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
                   "separate_axis_order": 0}
-    common = {"normalization": build_normalization(recipe, fingerprint), "resampling": resampling}
+    common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": resampling}
     configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)}
     fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
                                  dataset_voxels, data_identifier="3d_fullres", **common)

@@ -82,13 +82,14 @@ class Regions:
     """Nested regions trained with one sigmoid output each (nnU-Net's region-based training).
 
     Attributes:
-        regions: region name -> the label values it unites, in output order, e.g. BraTS (MSD labels 1 edema,
-            2 non-enhancing, 3 enhancing): whole tumour (1, 2, 3), tumour core (2, 3), enhancing tumour (3,).
+        regions: region name -> the labels it unites, in output order, e.g. BraTS (MSD labels 1 edema,
+            2 non-enhancing, 3 enhancing): whole tumour (1, 2, 3), tumour core (2, 3), enhancing tumour (3,). A label
+            is its value or its name in dataset.json (case-insensitive), so one recipe fits several numberings.
         class_order: per region, the label painted where it is predicted; later regions paint over earlier ones.
     """
 
-    regions: dict[str, tuple[int, ...]]
-    class_order: tuple[int, ...]
+    regions: dict[str, tuple[int | str, ...]]
+    class_order: tuple[int | str, ...]
 
 
 def _augment_fields() -> list[tuple[str, Any, Any]]:
@@ -116,12 +117,15 @@ class Inference:
         step: tile distance as a fraction of the patch (0.5 = half overlap).
         mirror_axes: patch axes mirrored for test-time augmentation; None = the axes mirrored in training.
         tta: mirroring test-time augmentation on by default.
+        max_tile: tiles as large as the image (rounded up to what the network's pooling needs), up to this size per
+            patch axis, never smaller than the training patch (Rippel 2018: [128, 512, 512]); None = the patch.
     """
 
     tile_weighting: Spec = Spec("gaussian", {"sigma_scale": 0.125})
     step: float = 0.5
     mirror_axes: tuple[int, ...] | None = None
     tta: bool = True
+    max_tile: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1:
@@ -213,7 +217,7 @@ SUPPLIED = {
     "samplers": ("case_dir", "case_ids", "input_size", "patch_size", "spatial_dims", "slice_axis"),
     "tile_weights": ("patch_size",),
     "transforms": ("image", "label", "generator"),
-    "normalizers": ("stats", "fingerprint"),
+    "normalizers": ("stats", "fingerprint", "dataset"),
 }
 
 

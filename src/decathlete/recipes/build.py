@@ -6,6 +6,7 @@ Training, the budget probe, prediction and planning all build here, so each comp
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -107,8 +108,14 @@ def _by_channel_name(name: str) -> Spec:
     return Spec("none") if name in ("nonorm", "none") else Spec("ct") if name == "ct" else Spec("zscore")
 
 
-def build_normalization(recipe: Recipe, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
-    """One normalisation spec per channel for plans.json: the recipe's schemes, or nnU-Net's rule by channel name."""
+def build_normalization(recipe: Recipe, fingerprint: dict[str, Any],
+                        dataset: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One normalisation spec per channel for plans.json: the recipe's schemes, or nnU-Net's rule by channel name.
+
+    A scheme's ``plan`` gets the channel's fingerprint statistics, the fingerprint, the recipe's kwargs, and, when
+    it takes a ``dataset`` argument, the dataset summary (its ``root`` and cases, to measure what the fingerprint
+    does not hold).
+    """
     channels = fingerprint["foreground_intensity"]
     chosen = recipe.planning.normalization
     if chosen and len(chosen) not in (1, len(channels)):
@@ -117,15 +124,30 @@ def build_normalization(recipe: Recipe, fingerprint: dict[str, Any]) -> list[dic
     specs = []
     for c, stats in enumerate(channels):
         spec = (chosen[0] if len(chosen) == 1 else chosen[c]) if chosen else _by_channel_name(stats["name"])
-        specs.append(registry.get("normalizers", spec.name).plan(stats, fingerprint, **spec.kwargs))
+        plan = registry.get("normalizers", spec.name).plan
+        extra = {"dataset": dataset} if "dataset" in inspect.signature(plan).parameters else {}
+        specs.append(plan(stats, fingerprint, **spec.kwargs, **extra))
     return specs
+
+
+def _label_value(label: int | str, dataset: dict[str, Any], recipe: str) -> int:
+    """A region member as a label value: values stay, names are looked up in the dataset's labels."""
+    if isinstance(label, int):
+        return label
+    names = {str(k).strip().lower(): v for k, v in dataset.get("labels", {}).items() if isinstance(v, int)}
+    if label.strip().lower() not in names:
+        raise RecipeError(f"recipe '{recipe}' regions name the label '{label}', which {dataset.get('name')} does not "
+                          f"have (its labels: {', '.join(names)}); use its name or value, or --set regions=...")
+    return int(names[label.strip().lower()])
 
 
 def with_recipe_regions(dataset: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     """The dataset summary with the recipe's regions (they win over a dataset.json's), checked against its labels."""
     if recipe.regions is None:
         return dataset
-    regions, order = recipe.regions.regions, recipe.regions.class_order
+    regions = {name: [_label_value(v, dataset, recipe.name) for v in values]
+               for name, values in recipe.regions.regions.items()}
+    order = [_label_value(v, dataset, recipe.name) for v in recipe.regions.class_order]
     problems = check_regions(regions, order, dataset["label_values"])
     if problems:
         raise RecipeError(f"recipe '{recipe.name}' regions do not fit {dataset.get('name')}: {'; '.join(problems)}")

@@ -26,6 +26,15 @@ def cosine(final_factor: float = 0.0) -> Schedule:
     return factor
 
 
+@register_schedule("exponential")
+def exponential(gamma: float = 0.985, every: int = 250) -> Schedule:
+    """Step decay: factor ``gamma ** (step // every)`` (e.g. x0.985 per epoch of 250 steps, van den Hork 2019;
+    x0.984 every 100 steps, Rippel 2018)."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1 step, got {every}")
+    return lambda step, total: gamma ** (step // every)
+
+
 @register_schedule("constant")
 def constant() -> Schedule:
     """No decay."""
