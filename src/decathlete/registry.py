@@ -41,6 +41,8 @@ _BUILTIN_MODULES = {
 
 
 def _register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Record the decorated object as ``name`` of ``kind`` (a second registration of a name wins, with a warning)."""
+
     def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
         table = _REGISTRY[kind]
         if name in table and table[name] is not obj:
@@ -51,62 +53,35 @@ def _register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[.
     return decorator
 
 
-def register_net(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a network class or builder under ``name``."""
-    return _register("nets", name)
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def register_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a loss class or builder under ``name``."""
-    return _register("losses", name)
+def _registrar(kind: str, what: str) -> Callable[[str], Decorator]:
+    """The ``register_<kind>(name)`` decorator factory of one kind."""
+
+    def register(name: str) -> Decorator:
+        return _register(kind, name)
+
+    register.__doc__ = f"Register {what} under ``name``."
+    return register
 
 
-def register_recipe(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a recipe factory (returns a ``Recipe``) under ``name``."""
-    return _register("recipes", name)
+register_recipe = _registrar("recipes", "a recipe factory (returns a ``Recipe``)")
+register_net = _registrar("nets", "a network class (see `decathlete.nets.base` for the protocol)")
+register_loss = _registrar("losses", "a loss class or builder (see `decathlete.losses.base`)")
+register_optimizer = _registrar("optimizers", "an optimiser class or factory ``(params, **kwargs)``")
+register_schedule = _registrar("schedules", "a learning-rate schedule ``(**kwargs) -> (step, total) -> factor``")
+register_planner = _registrar("planners", "a planner ``(fingerprint, dataset, recipe, gpu_memory_gb) -> Plans``")
+register_normalizer = _registrar("normalizers", "a normalisation scheme (``plan`` + ``apply``, "
+                                                "see `decathlete.preprocess.normalization`)")
+register_augmentation = _registrar("augmentations", "an augmentation preset ``(configuration) -> AugmentConfig``")
+register_transform = _registrar("transforms", "an extra batch transform "
+                                              "``(image, label, generator, **kwargs) -> (image, label)``")
+register_sampler = _registrar("samplers", "a patch sampler class (see `decathlete.data.sampling.PatchSampler`)")
+register_tile_weights = _registrar("tile_weights", "an inference tile weighting ``(patch_size, **kwargs) -> weights``")
 
 
-def register_planner(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a planner function ``(fingerprint, dataset, options) -> Plans`` under ``name``."""
-    return _register("planners", name)
-
-
-def register_sampler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a patch sampler class under ``name`` (see `decathlete.data.sampling.PatchSampler` for the protocol)."""
-    return _register("samplers", name)
-
-
-def register_schedule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a learning-rate schedule factory ``(**kwargs) -> (step, total) -> factor`` under ``name``."""
-    return _register("schedules", name)
-
-
-def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register an optimiser class or factory ``(params, **kwargs) -> torch.optim.Optimizer`` under ``name``."""
-    return _register("optimizers", name)
-
-
-def register_normalizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register an intensity normalisation scheme (``plan`` + ``apply``, see `decathlete.preprocess.normalization`)."""
-    return _register("normalizers", name)
-
-
-def register_augmentation(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register an augmentation preset ``(configuration) -> AugmentConfig`` under ``name``."""
-    return _register("augmentations", name)
-
-
-def register_transform(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register an extra batch transform ``(image, label, generator, **kwargs) -> (image, label)`` under ``name``."""
-    return _register("transforms", name)
-
-
-def register_tile_weights(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register an inference tile weighting ``(patch_size, **kwargs) -> weight map tensor`` under ``name``."""
-    return _register("tile_weights", name)
-
-
-def register_layer(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_layer(kind: str, name: str) -> Decorator:
     """Register a layer builder of ``kind`` ``convs``, ``norms`` or ``activations`` (see `decathlete.nets.layers`)."""
     if kind not in ("convs", "norms", "activations"):
         raise KeyError(f"layer kind must be convs, norms or activations, got '{kind}'")

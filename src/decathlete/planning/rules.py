@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, NetworkSpec, Plans
 from decathlete.recipes.base import Recipe
 from decathlete.recipes.build import build_normalization
@@ -170,7 +171,7 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     full_spacing = target_spacing(spacings, shapes) if p.target_spacing is None else np.array(p.target_spacing)
     median_shape = _median_shape_at(fingerprint, full_spacing)
     n_in = len(fingerprint["channel_names"])
-    n_out = len(dataset["regions"]) if dataset.get("regions") else len(fingerprint["label_values"])
+    n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
     resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
                   "separate_axis_order": 0}
