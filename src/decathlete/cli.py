@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"decathlete {args.verb}: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
-        print(f"decathlete {args.verb}: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        print(f"decathlete {args.verb}: error: {message}", file=sys.stderr)
         return 1
 
 
