@@ -254,3 +254,13 @@ def test_a_normalisation_scheme_may_ask_for_the_dataset() -> None:
         assert seen["dataset"]["root"] == "/data"
     finally:
         registry.unregister("normalizers", "test_windowed")
+
+
+def test_planning_whole_volumes_uses_the_uncropped_shapes() -> None:
+    fp = fake_fingerprint((40, 100, 100), (1.0, 1.0, 1.0))
+    for c in fp["cases"]:
+        c["shape_after_crop"] = [30, 60, 60]
+    cropped, whole = _plan(fp).configurations["3d_fullres"], _plan(fp, "planning.crop_to_nonzero=false"
+                                                                      ).configurations["3d_fullres"]
+    assert cropped.median_shape == [30, 60, 60] and cropped.crop_to_nonzero
+    assert whole.median_shape == [40, 100, 100] and not whole.crop_to_nonzero

@@ -64,6 +64,17 @@ def test_preprocess_case_shapes_properties_locations(tmp_path: Path) -> None:
         assert np.all(pre.seg[tuple(coords.T)] == label)
 
 
+def test_whole_volumes_when_cropping_is_off(tmp_path: Path) -> None:
+    case = make_synthetic_case(tmp_path, "syn")
+    pre = preprocess_case(case.images, case.label, {**CONFIG, "crop_to_nonzero": False}, case_id="syn")
+    props = pre.properties
+    assert props["crop_bbox"] == [[0, 8], [0, 24], [0, 20]] and props["shape_after_crop"] == [8, 24, 20]
+    assert props["preprocessing"]["crop_to_nonzero"] is False
+    cropped = preprocess_case(case.images, case.label, {**CONFIG, "crop_to_nonzero": True}, case_id="syn")
+    assert "crop_to_nonzero" not in cropped.properties["preprocessing"]  # caches from before the option stay valid
+    assert pre.data.shape[1:] == tuple(props["shape_after_resampling"]) and pre.data.size > cropped.data.size
+
+
 def test_preprocess_case_is_deterministic_and_caps_locations(tmp_path: Path, monkeypatch) -> None:
     import decathlete.preprocess.pipeline as pipeline
 

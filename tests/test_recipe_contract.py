@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -192,3 +193,17 @@ def test_inference_tiles_up_to_the_recipes_maximum(work: Path, data: tuple[Path,
     assert capped.tile_size([50, 70, 90]) == expected and expected[2] == -(-90 // divisor[2]) * divisor[2]
     label, _ = capped.predict_case(_big_case(data[1]))
     assert label.shape == (24, 60, 60)
+
+
+def test_losses_learn_the_class_frequencies_of_the_training_data(work: Path) -> None:
+    from decathlete.recipes.build import loss_context
+
+    plans = Plans.load(work / "plans.json")
+    context = loss_context(plans.configuration("3d_fullres"), plans)
+    counts = [0, 0, 0]
+    for case in load_dataset(plans.dataset["root"]).training:
+        label = np.asarray(nib.load(case.label).dataobj)
+        for value in (0, 1, 2):
+            counts[value] += int((label == value).sum())
+    assert context.class_voxels == {0: counts[0], 1: counts[1], 2: counts[2]}
+    assert context.deep_supervision_weights[-1] == 0 and not context.labels.region_based

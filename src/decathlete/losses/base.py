@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,11 +70,14 @@ class LossContext:
         labels: the outputs' meaning (softmax classes or sigmoid regions).
         deep_supervision_weights: one weight per network output, full resolution first.
         batch_dice: the plan's choice of Dice over the batch, the default of Dice-based logits losses.
+        class_voxels: voxels of each label value in the training data (the fingerprint's), for frequency weights;
+            empty for plans made before it was recorded.
     """
 
     labels: LabelScheme
     deep_supervision_weights: list[float]
     batch_dice: bool
+    class_voxels: dict[int, int] = field(default_factory=dict)
 
     def logits_loss(self, name: str, kwargs: dict[str, Any] | None = None) -> LogitsLoss:
         """The registered logits loss ``name`` for this run, deep-supervised.

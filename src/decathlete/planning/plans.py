@@ -44,6 +44,7 @@ class Configuration:
         data_identifier: subfolder name of the preprocessed data (configurations with equal spacing may share it).
         spatial_dims: 2 or 3.
         batch_dice: compute the Dice loss over the whole batch rather than per sample.
+        crop_to_nonzero: preprocessing crops each case to its nonzero box (nnU-Net); False keeps whole volumes.
         notes: human-readable remarks of the planner.
         training: set when planned for a time budget (``planning/budget.py``): the budget, the probed device, the
             measured step time, iterations/epochs the trainer uses and the predicted training seconds.
@@ -64,6 +65,7 @@ class Configuration:
     data_identifier: str
     spatial_dims: int
     batch_dice: bool = False
+    crop_to_nonzero: bool = True
     notes: list[str] = field(default_factory=list)
     training: dict[str, Any] | None = None
 

@@ -154,9 +154,9 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         parameters=get("nets", net).parameter_count(n_in, n_out, **kwargs), spatial_dims=dims, **extra)
 
 
-def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray) -> np.ndarray:
-    shapes = [np.round(np.asarray(c["shape_after_crop"]) * np.asarray(c["spacing"]) / spacing)
-              for c in fingerprint["cases"]]
+def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: bool = True) -> np.ndarray:
+    key = "shape_after_crop" if cropped else "shape"
+    shapes = [np.round(np.asarray(c[key]) * np.asarray(c["spacing"]) / spacing) for c in fingerprint["cases"]]
     return np.median(shapes, axis=0)
 
 
@@ -167,15 +167,16 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     p = recipe.planning
     budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
-    shapes = np.array([c["shape_after_crop"] for c in fingerprint["cases"]])
+    shapes = np.array([c["shape_after_crop" if p.crop_to_nonzero else "shape"] for c in fingerprint["cases"]])
     full_spacing = target_spacing(spacings, shapes) if p.target_spacing is None else np.array(p.target_spacing)
-    median_shape = _median_shape_at(fingerprint, full_spacing)
+    median_shape = _median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
     resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
                   "separate_axis_order": 0}
-    common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": resampling}
+    common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": resampling,
+              "crop_to_nonzero": p.crop_to_nonzero}
     configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)}
     fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
                                  dataset_voxels, data_identifier="3d_fullres", **common)
@@ -233,6 +234,12 @@ def _plan_lowres(full_spacing: np.ndarray, full_median: np.ndarray, n_in: int, n
 
 
 def summarise(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The planner-relevant part of the fingerprint, copied into plans.json."""
-    return {k: fingerprint[k] for k in ("n_cases", "median_spacing", "median_shape_after_crop",
-                                        "median_crop_fraction", "foreground_intensity")}
+    """The planner-relevant part of the fingerprint, copied into plans.json, with the voxels of each label value
+    summed over the cases (class frequencies, e.g. for inverse-frequency loss weights)."""
+    totals: dict[str, int] = {}
+    for case in fingerprint["cases"]:
+        for value, count in case.get("class_voxels", {}).items():
+            totals[value] = totals.get(value, 0) + int(count)
+    return {**{k: fingerprint[k] for k in ("n_cases", "median_spacing", "median_shape_after_crop",
+                                           "median_crop_fraction", "foreground_intensity")},
+            "class_voxels": dict(sorted(totals.items(), key=lambda kv: int(kv[0])))}

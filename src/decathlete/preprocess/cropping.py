@@ -87,7 +87,7 @@ def paste_into_bbox(cropped: np.ndarray, bbox: BBox, full_shape: tuple[int, ...]
 
 
 def crop_to_nonzero(
-    data: np.ndarray, seg: np.ndarray | None = None, mark_outside: bool = False
+    data: np.ndarray, seg: np.ndarray | None = None, mark_outside: bool = False, crop: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None, BBox, np.ndarray]:
     """Crop image (and label map) to the bounding box of the nonzero mask.
 
@@ -96,6 +96,7 @@ def crop_to_nonzero(
         seg: label map ``(z, y, x)`` on the same grid, or None.
         mark_outside: set background (0) label voxels outside the nonzero mask to ``OUTSIDE_LABEL`` (-1).
             Use it only when a channel is normalised inside the mask (see the module docstring).
+        crop: False keeps the whole volume (the box is the full grid; the mask and marking work as with a crop).
 
     Returns:
         ``(data, seg, bbox, mask)``: the cropped image (a view of ``data``), the cropped label map (a view, or a
@@ -105,7 +106,7 @@ def crop_to_nonzero(
     if seg is not None and seg.shape != data.shape[1:]:
         raise ValueError(f"label shape {seg.shape} differs from image shape {data.shape[1:]} (z, y, x)")
     mask = nonzero_mask(data)
-    bbox = bounding_box(mask)
+    bbox = bounding_box(mask) if crop else tuple((0, int(n)) for n in mask.shape)
     mask = crop_to_bbox(mask, bbox)
     data = crop_to_bbox(data, bbox)
     if seg is not None:

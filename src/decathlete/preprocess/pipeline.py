@@ -11,6 +11,7 @@ Config keys (a plans.json configuration; everything else in it is ignored):
 * ``"resampling"``: ``image_order`` (3), ``label_order`` (1), ``anisotropy_threshold`` (3.0),
   ``separate_axis_order`` (0), and for 2D configurations ``keep_slice_axis_spacing`` (False) with ``slice_axis``
   (0): the slice axis keeps each case's own spacing.
+* ``"crop_to_nonzero"``: False keeps whole volumes (default True: nnU-Net's crop to the nonzero box).
 
 Parallelism: at most ``workers`` child processes at a time, a fresh one per case (the effect of
 ``maxtasksperchild=1``) or per chunk of tiny cases up to ``CHUNK_VOXELS`` (a 20 ms hippocampus case should not
@@ -84,7 +85,7 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The preprocessing settings of ``config`` with resampling defaults filled in (JSON-safe).
 
     Stored in every case's properties; a cached case whose settings differ is preprocessed again. Only
-    ``spacing``, ``normalization`` (None = z-score per channel) and ``resampling`` count.
+    ``spacing``, ``normalization`` (None = z-score per channel), ``resampling`` and ``crop_to_nonzero`` count.
     """
     spacing = config.get("spacing")
     resampling = {**RESAMPLING_DEFAULTS, **(config.get("resampling") or {})}
@@ -93,6 +94,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "normalization": config.get("normalization"),
         "resampling": {k: resampling[k] for k in RESAMPLING_DEFAULTS},  # planner extras do not count
     }
+    if config.get("crop_to_nonzero", True) is False:  # only when off: caches made before the option stay valid
+        settings["crop_to_nonzero"] = False
     return json.loads(json.dumps(settings))  # tuples -> lists, numpy scalars fail here rather than later
 
 
@@ -203,7 +206,8 @@ def preprocess_case(
     settings = resolve_config(config)
     specs = settings["normalization"] or [{"scheme": "zscore", "use_nonzero_mask": False}] * data.shape[0]
     mark = uses_nonzero_mask(specs)
-    cropped, seg, bbox, mask = crop_to_nonzero(data, seg, mark_outside=mark)
+    cropped, seg, bbox, mask = crop_to_nonzero(data, seg, mark_outside=mark,
+                                               crop=settings.get("crop_to_nonzero", True))
     normalized = normalize(cropped, specs, mask)
     del data, cropped, mask  # the uncropped volume is no longer needed: free it before resampling allocates
     target = _target_spacing(geometry.spacing, settings)

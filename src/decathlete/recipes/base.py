@@ -50,6 +50,7 @@ class Planning:
         n_conv_per_stage_decoder: convolutions per decoder stage.
         gpu_memory_gb: a preset's own memory budget (wins over ``plan --gpu-memory``).
         max_dataset_covered: cap on the batch as a fraction of the dataset's voxels (nnU-Net: 0.05).
+        crop_to_nonzero: crop every case to its nonzero box (nnU-Net); False plans and preprocesses whole volumes.
     """
 
     target_spacing: tuple[float, float, float] | None = None
@@ -66,6 +67,7 @@ class Planning:
     n_conv_per_stage_decoder: int = 2
     gpu_memory_gb: float | None = None
     max_dataset_covered: float = 0.05
+    crop_to_nonzero: bool = True
 
     def __post_init__(self) -> None:
         if self.slice_axis_spacing_2d not in ("keep", "target", "in_plane"):

@@ -38,7 +38,8 @@ def loss_context(config: Configuration, plans: Plans, world_size: int = 1) -> Lo
     n_outputs = len(config.strides) - 1
     # Under DDP every head needs a gradient: a tiny weight instead of 0 for the lowest one (nnU-Net's trick).
     weights = ds_weights(n_outputs, last_weight=1e-6 if world_size > 1 else 0.0)
-    return LossContext(LabelScheme.from_dataset(plans.dataset), weights, config.batch_dice)
+    voxels = {int(v): int(n) for v, n in plans.fingerprint_summary.get("class_voxels", {}).items()}
+    return LossContext(LabelScheme.from_dataset(plans.dataset), weights, config.batch_dice, voxels)
 
 
 def build_loss(recipe: Recipe, config: Configuration, plans: Plans, world_size: int = 1) -> TrainingLoss:
