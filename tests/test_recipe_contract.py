@@ -207,3 +207,13 @@ def test_losses_learn_the_class_frequencies_of_the_training_data(work: Path) -> 
             counts[value] += int((label == value).sum())
     assert context.class_voxels == {0: counts[0], 1: counts[1], 2: counts[2]}
     assert context.deep_supervision_weights[-1] == 0 and not context.labels.region_based
+
+
+def test_resume_of_a_run_saved_before_a_recipe_field_existed(work: Path) -> None:
+    [summary] = api.train(work, "3d_fullres", 0, epochs=1, **QUICK)
+    latest = Path(summary["folder"]) / "checkpoint_latest.pth"
+    saved = torch.load(latest, weights_only=True)
+    del saved["settings"]["recipe"]["planning"]["crop_to_nonzero"], saved["settings"]["recipe"]["inference"]
+    torch.save(saved, latest)  # as an older version wrote it: those fields have their defaults
+    [resumed] = api.train(work, "3d_fullres", 0, epochs=2, resume=True, **QUICK)
+    assert resumed["epochs"] == 2

@@ -20,7 +20,7 @@ from decathlete import __version__, registry
 from decathlete.io import checkpoint as ckpt
 from decathlete.io.atomic import is_temporary_of, write_json_atomic
 from decathlete.planning.plans import Configuration, Plans
-from decathlete.recipes.base import RECIPE_FILE
+from decathlete.recipes.base import RECIPE_FILE, Recipe
 from decathlete.train.progress import plot_progress
 
 
@@ -99,12 +99,16 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     plot_progress(state.history, out / "progress.png")
 
 
+def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A saved recipe with the fields of this version (a run saved before a field existed has its default)."""
+    return {k: v for k, v in Recipe.from_dict(recipe).to_dict().items() if k != "epochs"}
+
+
 def restore(out: Path, settings: RunSettings, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer) -> TrainState:
     """Load the latest checkpoint; the recipe apart from its length must match (a longer run extends it)."""
     saved = ckpt.load_checkpoint(out / ckpt.LATEST)
-    old = {k: v for k, v in saved["settings"]["recipe"].items() if k != "epochs"}
-    new = {k: v for k, v in settings.recipe.items() if k != "epochs"}
+    old, new = _comparable(saved["settings"]["recipe"]), _comparable(settings.recipe)
     if old != new or saved["settings"]["seed"] != settings.seed:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ValueError(f"--resume: the recipe or seed differs from the run in {out} (recipe fields: "
