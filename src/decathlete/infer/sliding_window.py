@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from decathlete.devices import autocast
 from decathlete.infer.tta import mirrored_forward
 
 TILE_BATCH_VOXELS = 1 << 19  # automatic batch: tiles per forward pass so that a batch holds about this many voxels
@@ -216,14 +217,13 @@ def _predict_stack(
     out = torch.zeros((n, num_classes, *shape), dtype=torch.float32, device=acc)
     tile_map = None if single else tile_weights(patch).to(device=acc, dtype=torch.float32)
     items = [(i, pos) for pos in positions for i in range(n)]  # neighbouring 2D slices at one position batch together
-    use_amp = device.type == "cuda"
     for b in range(0, len(items), batch):
         chunk = items[b : b + batch]
         tiles = [_tile(pos, patch) for _, pos in chunk]
         x = torch.stack([stack[i][(slice(None), *sl)] for (i, _), sl in zip(chunk, tiles)]).to(device)
         # Few tiles (one, for a hippocampus case): spend the unused batch on flips, one pass instead of 2^k.
         flips = max(1, TILE_BATCH_VOXELS // (len(chunk) * int(np.prod(patch))))
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with autocast(device):
             y = mirrored_forward(net, x, mirror_axes, flips)
         if y.shape[1] != num_classes or tuple(y.shape[2:]) != patch:
             raise ValueError(f"network output {tuple(y.shape)} does not match {num_classes} classes x patch {patch}")

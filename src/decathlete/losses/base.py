@@ -89,6 +89,7 @@ class LossContext:
             name, kwargs = "dice_bce", {k: v for k, v in kwargs.items() if k in ("weight_ce", "weight_dice", "smooth")}
         if name in ("dice_ce", "dice_bce"):
             kwargs.setdefault("batch_dice", self.batch_dice)
-        if "region_based" in inspect.signature(get("losses", name)).parameters:
+        loss = get("losses", name)
+        if "region_based" in inspect.signature(loss).parameters:
             kwargs.setdefault("region_based", self.labels.region_based)
-        return LogitsLoss(get("losses", name)(**kwargs), self.deep_supervision_weights)
+        return LogitsLoss(loss(**kwargs), self.deep_supervision_weights)

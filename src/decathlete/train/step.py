@@ -75,7 +75,7 @@ class TrainStep:
         """Loss and full-resolution logits on an un-augmented batch (the network's mode is the caller's)."""
         batch = self.batch(image, label)
         with autocast(self.device):
-            output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, len(image.shape) - 2)))
+            output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
             loss = self.loss(output, batch).float()
         return loss, output.full_resolution
 
