@@ -6,7 +6,6 @@ problem listed (``DatasetError``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -108,8 +107,8 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
     results = {}
     for name, config in chosen.items():
         out = workdir / "preprocessed" / config.data_identifier
-        config_dict = json.loads(json.dumps(config.__dict__, default=lambda o: o.__dict__))
-        results[name] = preprocess_dataset(desc.training, config_dict, out, workers=workers, progress=progress)
+        results[name] = preprocess_dataset(desc.training, plans.preprocessing_config(name), out, workers=workers,
+                                           progress=progress)
     return results
 
 

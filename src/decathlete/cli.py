@@ -275,6 +275,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plans = plan(args.dataset, args.output, gpu_memory_gb=args.gpu_memory, planner=args.planner,
                  recipe=args.recipe, workers=args.workers, time_budget=args.time_budget, device=args.device,
                  configurations=args.configurations, overrides=args.overrides)
+    if plans.transpose_forward != [0, 1, 2]:
+        print(f"array axes transposed to {tuple(plans.transpose_forward)} (the coarsest first); the shapes and "
+              "spacings below are in that order")
     for name, c in plans.configurations.items():
         print(f"{name:11s} spacing {_fmt(c.spacing)}  patch {_fmt(c.patch_size)}  batch {c.batch_size}  "
               f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.1f} GiB  "

@@ -1,8 +1,9 @@
 """Predict label maps for raw images with a trained model, written on the input's exact grid.
 
 Per case: preprocess exactly as in training (`decathlete.preprocess.pipeline.preprocess_case` with the plan's
-configuration) -> sliding window with mirroring TTA per fold -> fold ensemble -> inverse preprocessing (resample
-back to the cropped original grid, un-crop) -> write with the geometry read from the input.
+configuration and the plan's ``transpose_forward``) -> sliding window with mirroring TTA per fold -> fold ensemble
+-> inverse preprocessing (resample back to the cropped original grid, un-crop, transpose back: nnU-Net's reverse
+order) -> write with the geometry read from the input.
 
 Ensembling and inversion, and where they differ from nnU-Net v2:
 
@@ -48,7 +49,7 @@ from decathlete.io.checkpoint import FINAL, load_checkpoint
 from decathlete.io.images import Geometry, write_image
 from decathlete.labels import LabelScheme
 from decathlete.nets.base import set_deep_supervision
-from decathlete.planning.plans import Plans
+from decathlete.planning.plans import IDENTITY, Plans, inverse_permutation
 from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
@@ -129,7 +130,8 @@ def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any
         return_probabilities: also return float16 ``(K, Z, Y, X)`` probabilities on the original grid.
 
     Returns:
-        ``(label, probabilities or None)``; the label map ``(Z, Y, X)`` is uint8 (int16 for values beyond 255).
+        ``(label, probabilities or None)``; the label map ``(Z, Y, X)`` is uint8 (int16 for values beyond 255), both
+        in the input file's own axis order (the properties' ``transpose_forward`` undone; absent = identity).
     """
     full_shape = tuple(properties["shape_before_crop"])
     crop_shape = tuple(properties["shape_after_crop"])
@@ -157,7 +159,12 @@ def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any
         if full is not None:
             full[k][box] = p
         del p
-    return paste_into_bbox(label, bbox, full_shape, fill=0), full
+    # Shapes and box above are in the plan's axis order: un-crop there, then undo the transposition.
+    backward = inverse_permutation(properties.get("transpose_forward", IDENTITY))
+    label = np.ascontiguousarray(paste_into_bbox(label, bbox, full_shape, fill=0).transpose(backward))
+    if full is not None:
+        full = np.ascontiguousarray(full.transpose(0, *(a + 1 for a in backward)))
+    return label, full
 
 
 class Predictor:
@@ -190,7 +197,9 @@ class Predictor:
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config = self.plans.configuration(configuration)
         for d in self.fold_dirs[1:]:
-            if asdict(Plans.load(d / "plans.json").configuration(configuration)) != asdict(self.config):
+            other = Plans.load(d / "plans.json")
+            if (asdict(other.configuration(configuration)) != asdict(self.config)
+                    or other.transpose_forward != self.plans.transpose_forward):
                 raise ValueError(f"{d} was trained with a different '{configuration}' plan than {self.fold_dirs[0]}")
         for d in self.fold_dirs:  # the network, loss or tile weighting may come from the user's package
             run = d / "run.json"
@@ -210,8 +219,8 @@ class Predictor:
         self.region_based, self.class_values = self.labels.region_based, self.labels.output_values
         self.n_channels = len(self.plans.dataset["channel_names"])
         self.num_classes = self.labels.num_outputs
-        # Preprocessing reads exactly the JSON the training cache was made from.
-        self.preprocessing = json.loads(json.dumps(asdict(self.config)))
+        # Preprocessing reads exactly the JSON the training cache was made from (the plan's transposition included).
+        self.preprocessing = self.plans.preprocessing_config(configuration)
         self.networks = [self._load(d, checkpoint) for d in self.fold_dirs]
         self.postprocessing = load_postprocessing(self.fold_dirs[0].parent) if postprocess else None
 

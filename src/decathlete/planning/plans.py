@@ -1,19 +1,42 @@
 """Typed plans: the JSON contract between planning, preprocessing, training and inference.
 
 Every shape, spacing and stride is in array-axis order (z, y, x) — (y, x) for the in-plane entries of a 2D
-configuration — as ``../shared/docs/cli-contract.md`` requires. A network is named by registry key plus JSON kwargs.
+configuration — as ``../shared/docs/cli-contract.md`` requires, after the plan's axis transposition: like nnU-Net v2,
+the planner moves the coarsest axis first (``Plans.transpose_forward``), so that every later rule that assumes
+"axis 0 is the thick one" (anisotropic pooling, the 2D slice axis, dummy-2D augmentation) holds for sagittal and
+coronal stacks too. Preprocessing transposes each case forward, inference transposes its prediction back; with
+the usual axial data the transposition is the identity. A network is named by registry key plus JSON kwargs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from decathlete.io.atomic import write_json_atomic
 
-PLANS_VERSION = 1
+# 2: plans carry transpose_forward/backward. An older reader would ignore them and write predictions in the wrong
+# axis order, so it must refuse; version-1 plans load with the identity transposition.
+PLANS_VERSION = 2
+IDENTITY = (0, 1, 2)
+
+
+def inverse_permutation(order: Sequence[int]) -> list[int]:
+    """The permutation that undoes ``order`` (``transpose_backward`` for ``transpose_forward``)."""
+    return [int(a) for a in np.argsort(np.asarray(order))]
+
+
+def check_transpose(order: Sequence[int]) -> list[int]:
+    """``order`` as a list of ints, or ValueError when it is not a permutation of the three spatial axes."""
+    axes = [int(a) for a in order]
+    if sorted(axes) != list(IDENTITY):
+        raise ValueError(f"a transposition must be a permutation of (0, 1, 2), got {list(order)}")
+    return axes
 
 
 @dataclass
@@ -93,6 +116,10 @@ class Plans:
         gpu_memory_gb: the memory budget planned for.
         configurations: ``2d``, ``3d_fullres``, ``3d_lowres`` ...
         recipe_settings: that recipe, resolved (with its ``--set`` overrides), as JSON; training starts from it.
+        transpose_forward: the data's array axes in the order the configurations use (the coarsest target-spacing
+            axis first, the others in their order; nnU-Net v2): array ``a`` becomes ``a.transpose(forward)``.
+            Identity for plans made before the field existed.
+        transpose_backward: its inverse, which maps a prediction back to the data's own axis order.
     """
 
     dataset: dict[str, Any]
@@ -103,6 +130,15 @@ class Plans:
     configurations: dict[str, Configuration]
     version: int = PLANS_VERSION
     recipe_settings: dict[str, Any] | None = None
+    transpose_forward: list[int] = field(default_factory=lambda: list(IDENTITY))
+    transpose_backward: list[int] = field(default_factory=lambda: list(IDENTITY))
+
+    def __post_init__(self) -> None:
+        self.transpose_forward = check_transpose(self.transpose_forward)
+        self.transpose_backward = check_transpose(self.transpose_backward)
+        if self.transpose_backward != inverse_permutation(self.transpose_forward):
+            raise ValueError(f"transpose_backward {self.transpose_backward} does not undo transpose_forward "
+                             f"{self.transpose_forward}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,3 +165,9 @@ class Plans:
         if name not in self.configurations:
             raise KeyError(f"configuration '{name}' is not in the plans; available: {', '.join(self.configurations)}")
         return self.configurations[name]
+
+    def preprocessing_config(self, name: str) -> dict[str, Any]:
+        """Configuration ``name`` as the JSON dict `decathlete.preprocess.pipeline` reads, with the plan-wide
+        ``transpose_forward``: training's cache and a prediction's input are made from exactly this."""
+        return {**json.loads(json.dumps(asdict(self.configuration(name)))),
+                "transpose_forward": list(self.transpose_forward)}

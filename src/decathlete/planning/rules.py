@@ -10,6 +10,12 @@ minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the data
 ``planning`` (`decathlete.recipes.base.Planning`) overrides any of these: spacing, patch, batch, widths, blocks,
 normalisation, the 2D slice axis.
 
+Axis order (nnU-Net v2's ``transpose_forward``): the axis of the largest target spacing moves first, the others
+keep their order, and everything above is planned in that order, so the rules that treat axis 0 as the thick one
+(kernels, the 2D slice axis, dummy-2D augmentation) also hold for sagittal and coronal stacks. The transposition
+is decided by the data (the rule's target spacing, in the data's own array order); a recipe's spacing and patch
+overrides are read in the planned order, coarse axis first, like the plans they override.
+
 The memory estimate is ``feature_map_elements`` of the registered network built from the very kwargs written to
 plans.json, times a bytes-per-element constant. The constants are calibrated on nnU-Net's reference points (a
 network with 560e6 activation elements per sample trains with batch 2 in 8 GB in 3D; 85e6 with batch 12 in 2D), so
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from decathlete.labels import LabelScheme
-from decathlete.planning.plans import Configuration, NetworkSpec, Plans
+from decathlete.planning.plans import Configuration, NetworkSpec, Plans, inverse_permutation
 from decathlete.recipes.base import Recipe
 from decathlete.recipes.build import build_normalization
 from decathlete.registry import get, register_planner
@@ -154,9 +160,22 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         parameters=get("nets", net).parameter_count(n_in, n_out, **kwargs), spatial_dims=dims, **extra)
 
 
-def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: bool = True) -> np.ndarray:
+def transpose_axes(spacing: np.ndarray | list[float]) -> tuple[list[int], list[int]]:
+    """``(transpose_forward, transpose_backward)`` for a target spacing in the data's array order: the coarsest
+    axis first, the others in their order (nnU-Net v2). ``argmax`` takes the first of equal maxima, so isotropic
+    spacing and data whose axis 0 is already (one of) the coarsest keep the identity."""
+    coarse = int(np.argmax(spacing))
+    forward = [coarse] + [a for a in range(len(spacing)) if a != coarse]
+    return forward, inverse_permutation(forward)
+
+
+def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: bool = True,
+                     order: list[int] | None = None) -> np.ndarray:
+    """Median case shape after resampling to ``spacing``, both in the planned axis ``order`` (default: as stored)."""
     key = "shape_after_crop" if cropped else "shape"
-    shapes = [np.round(np.asarray(c[key]) * np.asarray(c["spacing"]) / spacing) for c in fingerprint["cases"]]
+    axes = list(range(len(spacing))) if order is None else order
+    shapes = [np.round(np.asarray(c[key])[axes] * np.asarray(c["spacing"])[axes] / spacing)
+              for c in fingerprint["cases"]]
     return np.median(shapes, axis=0)
 
 
@@ -168,8 +187,11 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
     shapes = np.array([c["shape_after_crop" if p.crop_to_nonzero else "shape"] for c in fingerprint["cases"]])
-    full_spacing = target_spacing(spacings, shapes) if p.target_spacing is None else np.array(p.target_spacing)
-    median_shape = _median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero)
+    rule_spacing = target_spacing(spacings, shapes)
+    forward, backward = transpose_axes(rule_spacing)
+    # Planned in the transposed order from here on; a recipe's override is already in that order.
+    full_spacing = rule_spacing[forward] if p.target_spacing is None else np.array(p.target_spacing, dtype=float)
+    median_shape = _median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero, forward)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
@@ -189,7 +211,8 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     configs["2d"].batch_dice = True
     fullres.batch_dice = "3d_lowres" in configs
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
-                 gpu_memory_gb=budget, configurations=configs, recipe_settings=recipe.to_dict())
+                 gpu_memory_gb=budget, configurations=configs, recipe_settings=recipe.to_dict(),
+                 transpose_forward=forward, transpose_backward=backward)
 
 
 def _plan_2d(full_spacing: np.ndarray, median_shape: np.ndarray, n_in: int, n_out: int, recipe: Recipe,

@@ -1,6 +1,7 @@
 """Preprocess one case, or a whole dataset in parallel, into the on-disk cache (`decathlete.preprocess.cache`).
 
-Per case, in nnU-Net v2's order: read -> crop to the nonzero box -> normalise -> resample -> class locations.
+Per case, in nnU-Net v2's order: read -> transpose -> crop to the nonzero box -> normalise -> resample -> class
+locations.
 Normalising before resampling matters: CT is clipped before cubic interpolation, which bounds its ringing, and
 the nonzero mask used by masked z-scores is exact at native resolution.
 
@@ -12,39 +13,36 @@ Config keys (a plans.json configuration; everything else in it is ignored):
   ``separate_axis_order`` (0), and for 2D configurations ``keep_slice_axis_spacing`` (False) with ``slice_axis``
   (0): the slice axis keeps each case's own spacing.
 * ``"crop_to_nonzero"``: False keeps whole volumes (default True: nnU-Net's crop to the nonzero box).
+* ``"transpose_forward"``: the plan's axis order (`decathlete.planning.plans.Plans.transpose_forward`; default
+  identity). Image, label and spacing are transposed right after reading, so ``"spacing"``, ``"slice_axis"`` and
+  every shape, box and spacing in the properties are in that order, while ``geometry`` stays the file's own;
+  `decathlete.infer.predictor.invert_preprocessing` undoes the crop there and then the transposition.
 
-Parallelism: at most ``workers`` child processes at a time, a fresh one per case (the effect of
-``maxtasksperchild=1``) or per chunk of tiny cases up to ``CHUNK_VOXELS`` (a 20 ms hippocampus case should not
-pay a ~25 ms process start). Memory stays near workers x one case, with no fragmentation carried over. Start
-method "forkserver" ("spawn" where missing): plain "fork" of a parent that runs threads (torch, BLAS pools,
-tqdm's monitor) can deadlock the child, while the fork server is a clean process that imported this module
-once, so children start in milliseconds, not the interpreter start + imports of "spawn". As with any non-fork
-method, a script calling `preprocess_dataset` with ``workers > 1`` needs ``if __name__ == "__main__":``
-(children re-import the main script); without it the cases fail with an error rather than hang.
+Parallelism: `decathlete.preprocess.workers` (at most ``workers`` child processes, a fresh one per case or per chunk
+of tiny cases).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from decathlete import registry
 from decathlete.io.datasets import Case
 from decathlete.io.images import Geometry, read_geometry, read_image, read_label
+from decathlete.planning.plans import IDENTITY, check_transpose
 from decathlete.preprocess import cache
 from decathlete.preprocess.cropping import crop_to_nonzero
 from decathlete.preprocess.normalization import normalize, uses_nonzero_mask
 from decathlete.preprocess.resampling import compute_new_shape, resample_data, resample_seg, separate_axis_for
+from decathlete.preprocess.workers import CHUNK_VOXELS, run_tasks
 
 RESAMPLING_DEFAULTS: dict[str, Any] = {
     "image_order": 3,
@@ -55,7 +53,6 @@ RESAMPLING_DEFAULTS: dict[str, Any] = {
     "slice_axis": 0,
 }
 MAX_LOCATIONS_PER_CLASS = 10_000
-CHUNK_VOXELS = 1 << 24  # input voxels x channels one child process may handle in a row (16 M: 64 MB float32)
 
 
 @dataclass
@@ -68,7 +65,8 @@ class PreprocessedCase:
             channel is normalised inside it; None for unlabelled cases.
         properties: JSON-safe record: ``case_id``, ``image_files``, ``label_file``, ``geometry`` (the original
             ``Geometry.to_dict()``), ``shape_before_crop``, ``crop_bbox`` (half-open, z/y/x), ``shape_after_crop``,
-            ``spacing_after_crop`` (= original), ``target_spacing``, ``separate_axis``, ``shape_after_resampling``,
+            ``spacing_after_crop`` (= original), ``target_spacing``, ``separate_axis``, ``shape_after_resampling``
+            (all in the ``transpose_forward`` order), ``transpose_forward``,
             ``labels_present``, ``label_voxels`` (voxels per label), ``class_locations`` (sampled count per
             label), ``outside_marked`` (-1 used), ``normalization`` (specs used) and ``preprocessing`` (settings).
         class_locations: label -> ``(N, 3)`` int32 voxel coordinates (z, y, x) of that foreground label, at most
@@ -85,7 +83,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The preprocessing settings of ``config`` with resampling defaults filled in (JSON-safe).
 
     Stored in every case's properties; a cached case whose settings differ is preprocessed again. Only
-    ``spacing``, ``normalization`` (None = z-score per channel), ``resampling`` and ``crop_to_nonzero`` count.
+    ``spacing``, ``normalization`` (None = z-score per channel), ``resampling``, ``crop_to_nonzero`` and
+    ``transpose_forward`` count.
     """
     spacing = config.get("spacing")
     resampling = {**RESAMPLING_DEFAULTS, **(config.get("resampling") or {})}
@@ -96,6 +95,9 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
     if config.get("crop_to_nonzero", True) is False:  # only when off: caches made before the option stay valid
         settings["crop_to_nonzero"] = False
+    order = check_transpose(config.get("transpose_forward") or IDENTITY)
+    if order != list(IDENTITY):  # only when transposed: caches made before transposition existed stay valid
+        settings["transpose_forward"] = order
     return json.loads(json.dumps(settings))  # tuples -> lists, numpy scalars fail here rather than later
 
 
@@ -170,6 +172,17 @@ def _read_case(
     return data, _label_array(seg), geometry
 
 
+def _transpose_case(data: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], order: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:  # fmt: skip
+    """Image ``(C, z, y, x)``, labels and spacing in the plan's axis ``order`` (contiguous: the crop, the resampling
+    and the cache then read memory in order, and the file's array is freed)."""
+    spacing = tuple(float(spacing[a]) for a in order)
+    if list(order) == list(IDENTITY):
+        return data, seg, spacing
+    data = np.ascontiguousarray(data.transpose(0, *(a + 1 for a in order)))
+    return data, None if seg is None else np.ascontiguousarray(seg.transpose(order)), spacing
+
+
 def _resample_labels(
     seg: np.ndarray | None, new_shape: tuple[int, ...], rs: Mapping[str, Any], axis: int | None, case_id: str
 ) -> tuple[np.ndarray | None, dict[int, np.ndarray], dict[str, int]]:
@@ -204,16 +217,18 @@ def preprocess_case(
     case_id = case_id or paths[0].name.split(".")[0]
     data, seg, geometry = _read_case(paths, label_path, case_id)
     settings = resolve_config(config)
+    order = settings.get("transpose_forward", list(IDENTITY))
+    data, seg, spacing = _transpose_case(data, seg, geometry.spacing, order)
     specs = settings["normalization"] or [{"scheme": "zscore", "use_nonzero_mask": False}] * data.shape[0]
     mark = uses_nonzero_mask(specs)
     cropped, seg, bbox, mask = crop_to_nonzero(data, seg, mark_outside=mark,
                                                crop=settings.get("crop_to_nonzero", True))
     normalized = normalize(cropped, specs, mask)
     del data, cropped, mask  # the uncropped volume is no longer needed: free it before resampling allocates
-    target = _target_spacing(geometry.spacing, settings)
-    new_shape = compute_new_shape(normalized.shape[1:], geometry.spacing, target)
+    target = _target_spacing(spacing, settings)
+    new_shape = compute_new_shape(normalized.shape[1:], spacing, target)
     rs = settings["resampling"]
-    axis = separate_axis_for(geometry.spacing, target, rs["anisotropy_threshold"])
+    axis = separate_axis_for(spacing, target, rs["anisotropy_threshold"])
     shape_after_crop = list(normalized.shape[1:])
     out = resample_data(normalized, new_shape, rs["image_order"], axis, rs["separate_axis_order"])
     del normalized
@@ -223,10 +238,11 @@ def preprocess_case(
         "image_files": [str(p) for p in paths],
         "label_file": None if label_path is None else str(label_path),
         "geometry": geometry.to_dict(),
-        "shape_before_crop": list(geometry.shape),
+        "transpose_forward": list(order),
+        "shape_before_crop": [geometry.shape[a] for a in order],
         "crop_bbox": [list(b) for b in bbox],
         "shape_after_crop": shape_after_crop,
-        "spacing_after_crop": list(geometry.spacing),
+        "spacing_after_crop": list(spacing),
         "target_spacing": list(target),
         "separate_axis": axis,
         "shape_after_resampling": list(new_shape),
@@ -254,14 +270,6 @@ def _guarded(task: _Task) -> tuple[str, float, str | None]:
     except Exception as exc:  # every failure is collected and re-raised once the other cases are done
         return case_id, 0.0, f"{type(exc).__name__}: {exc}"
     return case_id, time.perf_counter() - start, None
-
-
-def _pool_context() -> mp.context.BaseContext:
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["decathlete.preprocess.pipeline"])
-        return ctx
-    return mp.get_context("spawn")
 
 
 def preprocess_dataset(
@@ -299,7 +307,7 @@ def preprocess_dataset(
         for c in cases
         if not cache.case_is_complete(out_dir, c.id, expected)
     ]
-    results = _run_tasks(tasks, workers, progress)
+    results = run_tasks(_guarded, tasks, workers, progress, _task_voxels)
     failed = {cid: err for cid, _, err in results if err is not None}
     if failed:
         details = "; ".join(f"{cid}: {err}" for cid, err in sorted(failed.items()))
@@ -313,95 +321,9 @@ def preprocess_dataset(
     }
 
 
-def _run_tasks(tasks: list[_Task], workers: int, progress: bool) -> list[tuple[str, float, str | None]]:
-    """Run the tasks in this process (``workers <= 1``) or in child processes, with a progress bar."""
-    bar = tqdm(total=len(tasks), desc="preprocess", unit="case", disable=not progress or not tasks)
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            results = []
-            for task in tasks:
-                results.append(_guarded(task))
-                bar.update()
-            return results
-        return _run_processes(_chunks(tasks, workers), workers, bar)
-    finally:
-        bar.close()
-
-
 def _task_voxels(task: _Task) -> int:
     """Voxels x channels of a task's images from their headers; unknown = a full chunk (own process)."""
     try:
         return sum(int(np.prod(geo.shape)) * channels for geo, channels in map(read_geometry, task[1]))
     except Exception:  # unreadable here: the worker reports the real error for this case
         return CHUNK_VOXELS
-
-
-def _chunks(tasks: list[_Task], workers: int) -> list[list[_Task]]:
-    """Consecutive tasks grouped up to ``CHUNK_VOXELS`` and ``len / (4 workers)`` cases per child process.
-
-    A large case gets a process of its own; tiny ones (hippocampus: 60k voxels, 20 ms) share one, so the
-    ~25 ms start-up of a child is not paid per case. At least 4 chunks per worker keep the load balanced.
-    """
-    cap = max(1, len(tasks) // (4 * workers))
-    chunks: list[list[_Task]] = []
-    voxels = 0
-    for task in tasks:
-        size = _task_voxels(task)
-        if not chunks or len(chunks[-1]) >= cap or voxels + size > CHUNK_VOXELS:
-            chunks.append([])
-            voxels = 0
-        chunks[-1].append(task)
-        voxels += size
-    return chunks
-
-
-def _worker_main(chunk: list[_Task], conn: Connection) -> None:
-    """Child process entry point: run a chunk of cases, sending each result to the parent as it finishes."""
-    for task in chunk:
-        conn.send(_guarded(task))
-    conn.close()
-
-
-def _start_worker(ctx: mp.context.BaseContext, chunk: list[_Task]) -> tuple[mp.process.BaseProcess, Connection]:
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker_main, args=(chunk, send), name=f"preprocess-{chunk[0][0]}", daemon=True)
-    proc.start()
-    send.close()  # the child now holds the only write end: its exit shows up here as EOF
-    return proc, receive
-
-
-def _run_processes(chunks: list[list[_Task]], workers: int, bar: tqdm) -> list[tuple[str, float, str | None]]:
-    """At most ``workers`` child processes at a time, a fresh one per chunk of cases.
-
-    A child that dies fails its unreported cases, where a ``multiprocessing.Pool`` would hang; and
-    ``concurrent.futures`` with ``max_tasks_per_child`` deadlocks on Python 3.11-3.14 (gh-115634).
-    """
-    ctx = _pool_context()
-    pending = list(reversed(chunks))
-    running: dict[Connection, tuple[mp.process.BaseProcess, list[_Task], set[str]]] = {}
-    results = []
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                chunk = pending.pop()
-                proc, receive = _start_worker(ctx, chunk)
-                running[receive] = (proc, chunk, set())
-            for receive in wait(list(running)):
-                proc, chunk, reported = running[receive]
-                try:
-                    new = [receive.recv()]
-                except EOFError:  # the child has exited: whatever it did not report has failed
-                    del running[receive]
-                    proc.join()
-                    receive.close()
-                    hint = f"worker exited with code {proc.exitcode} (killed for memory, or a script without an "
-                    hint += "`if __name__ == '__main__':` guard?)"
-                    new = [(t[0], 0.0, hint) for t in chunk if t[0] not in reported]
-                reported.update(r[0] for r in new)
-                results.extend(new)
-                bar.update(len(new))
-    finally:
-        for receive, (proc, _, _) in running.items():  # interrupted (Ctrl-C): stop the children still running
-            proc.terminate()
-            receive.close()
-    return results

@@ -32,7 +32,8 @@ from decathlete.registry import get
 
 @dataclass(frozen=True)
 class Planning:
-    """Planner overrides; ``None`` leaves the choice to the planner. Shapes and spacings in array order (z, y, x).
+    """Planner overrides; ``None`` leaves the choice to the planner. Shapes and spacings in the planned axis order:
+    array order (z, y, x) after the plan's ``transpose_forward`` (the coarsest axis first; for axial data the same).
 
     Attributes:
         target_spacing: voxel spacing in mm of ``3d_fullres`` (and, in plane, of ``2d``) instead of the rule's.
