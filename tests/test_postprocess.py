@@ -90,6 +90,19 @@ def test_choice_keeps_what_helps_and_refuses_what_hurts_a_class(tmp_path: Path) 
         choose_postprocessing([], {"organ": 1})
 
 
+def test_choice_leaves_unannotated_voxels_out(tmp_path: Path) -> None:
+    """Sparse annotation: predicted organ where the reference holds the ignore label (3) is no false positive."""
+    ref = np.full((12, 20, 20), 3, np.uint8)  # nothing annotated ...
+    ref[2:8, 2:10, 2:10] = 1  # ... but the organ
+    ref[2:8, 10:12, 2:10] = 0  # and a strip of background beside it
+    pred = np.zeros_like(ref)
+    pred[2:8, 2:10, 2:10] = 1
+    pred[9:11, 15:18, 15:18] = 1  # an island in the unannotated part
+    pairs = [(_write(tmp_path / "pred", "c0", pred), _write(tmp_path / "ref", "c0", ref))]
+    assert choose_postprocessing(pairs, {"organ": 1}, ignore_label=3)["mean_dice_before"]["organ"] == 1.0
+    assert choose_postprocessing(pairs, {"organ": 1})["mean_dice_before"]["organ"] < 1.0
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)

@@ -213,6 +213,45 @@ def test_non_integral_label(msd: Path) -> None:
     assert "integer" in p.fix
 
 
+def test_non_consecutive_labels_are_refused_with_the_fix(msd: Path, tmp_path: Path) -> None:
+    lab = np.zeros((8, 10, 12), np.uint8)
+    lab[2:4, 2:4, 2:4] = 4
+    write_nifti(msd / "labelsTr" / "case_000.nii.gz", lab, SPACING)
+    edit_dataset_json(msd, labels={"0": "background", "1": "a", "2": "b", "4": "d"})
+    p = one_problem(validate_dataset(msd), None, "'Synthetic'", "[0, 1, 2, 4]", "not consecutive", "0..N-1")
+    assert "relabel" in p.fix and "0..3" in p.fix
+    root = make_nnunet_dataset(tmp_path / "nn", n_cases=2, channels=1, labels={"background": 0, "a": 1, "c": 3})
+    p = one_problem(validate_dataset(root), None, "[0, 1, 3]")
+    assert "0..2" in p.fix and "region" in p.fix
+    # Region members may use any values: the outputs are the regions.
+    regions = {"background": 0, "whole": [1, 3], "core": 3}
+    assert validate_dataset(make_nnunet_dataset(tmp_path / "rg", n_cases=2, channels=1, labels=regions,
+                                                regions_class_order=[1, 3])) == []
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunetv2"])
+def test_ignore_label_must_be_the_largest_value(tmp_path: Path, layout: str) -> None:
+    if layout == "msd":
+        root = make_msd_dataset(tmp_path / "ds", n_cases=2, labels=("background", "a", "ignore"))
+    else:
+        root = make_nnunet_dataset(tmp_path / "ds", n_cases=2, channels=1,
+                                   labels={"background": 0, "a": 1, "b": 2, "ignore": 3})
+    assert validate_dataset(root) == []  # the ignore value is exempt from nothing: it comes right after the labels
+    labels = {"0": "background", "1": "ignore", "2": "a"} if layout == "msd" else {"background": 0, "ignore": 1,
+                                                                                    "a": 2, "b": 3}
+    edit_dataset_json(root, labels=labels)
+    p = one_problem(validate_dataset(root), None, "ignore label 1 must be the largest value")
+    assert '"ignore": ' in p.fix
+
+
+def test_ignore_label_with_regions(tmp_path: Path) -> None:
+    labels = {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}
+    root = make_nnunet_dataset(tmp_path / "ds", n_cases=2, channels=1, labels=labels, regions_class_order=[1, 2])
+    assert validate_dataset(root) == []
+    edit_dataset_json(root, labels={**labels, "ignore": [3, 4]})
+    assert any("ignore label is a region" in p.message for p in validate_dataset(root))
+
+
 # -------------------------------------------------------------------------------------------------- 6. NaN/Inf
 
 

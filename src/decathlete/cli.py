@@ -225,11 +225,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from decathlete.evaluate import evaluate_folder, labels_from_dataset_json
+    from decathlete.evaluate import evaluate_folder, ignore_label_from_dataset_json, labels_from_dataset_json
 
     labels = labels_from_dataset_json(args.labels) if args.labels else None
+    ignore = ignore_label_from_dataset_json(args.labels) if args.labels else None  # its voxels count nowhere
     output = args.output or os.path.join(args.pred, "summary.json")
-    summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output)
+    summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output,
+                              ignore_label=ignore)
     for name, values in summary["mean"].items():
         print(f"{name:20s} Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
     print(f"wrote {output}")

@@ -46,7 +46,8 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
     plans = Plans.load(fold_dirs[0] / "plans.json")
     dataset = load_dataset(plans.dataset["root"])
     cases = {c.id: c for c in dataset.training}
-    labels = LabelScheme.from_dataset(plans.dataset).evaluation_labels()  # regions, for region-based models
+    scheme = LabelScheme.from_dataset(plans.dataset)
+    labels, ignore = scheme.evaluation_labels(), scheme.ignore_label  # regions, for region-based models
     pairs: list[tuple[str, Path, Path]] = []
     for fold_dir in fold_dirs:
         fold = int(fold_dir.name.split("_")[1])
@@ -58,10 +59,11 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                        progress=progress)
         fold_pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
-        evaluate_pairs(fold_pairs, labels, workers=workers, output=out / "summary.json")
+        evaluate_pairs(fold_pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore)
         pairs += fold_pairs
-    summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json")
-    spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels)
+    summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json",
+                             ignore_label=ignore)
+    spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
     spec["folds"] = [int(d.name.split("_")[1]) for d in fold_dirs]
     save_postprocessing(spec, root)
     result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],
@@ -69,13 +71,13 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
                   k: spec[k] for k in ("foreground", "per_class", "mean_dice_before", "mean_dice_after")},
               "postprocessed_mean": None, "folder": str(root)}
     if spec["foreground"] or spec["per_class"]:
-        result["postprocessed_mean"] = _score_postprocessed(pairs, spec, labels, root, workers)["mean"]
+        result["postprocessed_mean"] = _score_postprocessed(pairs, spec, labels, root, workers, ignore)["mean"]
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
 
 
 def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, Any], labels: dict[str, Any],
-                         root: Path, workers: int) -> dict[str, Any]:
+                         root: Path, workers: int, ignore_label: int | None = None) -> dict[str, Any]:
     out = root / "crossval_postprocessed"
     out.mkdir(parents=True, exist_ok=True)
     done = []
@@ -84,4 +86,4 @@ def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, An
         target = out / pred.name
         write_image(apply_postprocessing(seg, spec), geometry, target, dtype=seg.dtype)
         done.append((cid, target, ref))
-    return evaluate_pairs(done, labels, workers=workers, output=out / "summary.json")
+    return evaluate_pairs(done, labels, workers=workers, output=out / "summary.json", ignore_label=ignore_label)

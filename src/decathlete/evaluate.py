@@ -30,10 +30,33 @@ from decathlete.metrics.summary import (
 )
 
 Tolerance = Mapping[str, float] | float
+IGNORE_NAME = "ignore"  # nnU-Net v2's ignore label, as `decathlete.labels.IGNORE_NAME` (not imported: no torch here)
+
+
+def _declared_labels(path: str | Path) -> tuple[Path, list[tuple[str, Any]]]:
+    """``(dataset.json path, [(name, value or [values])])`` as declared, in either layout."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    spec = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{path}: 'labels' must be a non-empty object")
+    if not all(isinstance(v, str) for v in spec.values()):  # nnU-Net v2: name -> value or list of values (region)
+        return path, list(spec.items())
+    declared = []  # MSD: value -> name
+    for key, name in spec.items():
+        try:
+            declared.append((name, int(key)))
+        except ValueError:
+            raise ValueError(f"{path}: MSD label key {key!r} is not an integer") from None
+    if len({name for name, _ in declared}) < len(declared):
+        raise ValueError(f"{path}: a label name is used twice in {spec}")
+    return path, declared
 
 
 def labels_from_dataset_json(path: str | Path) -> dict[str, int | list[int]]:
-    """Foreground labels (and nnU-Net regions) declared by a dataset.json, background (value 0) left out.
+    """Foreground labels (and nnU-Net regions) declared by a dataset.json, background (value 0) and the ignore
+    label left out (pass `ignore_label_from_dataset_json` to `evaluate_folder` to leave its voxels out).
 
     Args:
         path: a dataset.json or the dataset folder holding it. MSD writes ``"labels": {"1": "liver"}``
@@ -45,32 +68,22 @@ def labels_from_dataset_json(path: str | Path) -> dict[str, int | list[int]]:
     Raises:
         FileNotFoundError: no dataset.json. ValueError: no usable ``labels`` object.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "dataset.json"
-    spec = json.loads(path.read_text(encoding="utf-8")).get("labels")
-    if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"{path}: 'labels' must be a non-empty object")
-    out: dict[str, int | list[int]] = {}
-    if all(isinstance(v, str) for v in spec.values()):  # MSD: value -> name
-        for key, name in spec.items():
-            try:
-                value = int(key)
-            except ValueError:
-                raise ValueError(f"{path}: MSD label key {key!r} is not an integer") from None
-            if name in out:
-                raise ValueError(f"{path}: label name {name!r} is used twice")
-            if value != 0:
-                out[name] = value
-    else:  # nnU-Net v2: name -> value or list of values (region)
-        for name, value in spec.items():
-            if value == 0 or value == [0]:
-                continue
-            out[name] = list(value) if isinstance(value, list) else value
+    path, declared = _declared_labels(path)
+    out = {name: list(value) if isinstance(value, list) else value for name, value in declared
+           if value not in (0, [0]) and name != IGNORE_NAME}
     normalize_labels(out)  # type check of every value
     if not out:
         raise ValueError(f"{path}: no foreground label (every label is background 0)")
     return out
+
+
+def ignore_label_from_dataset_json(path: str | Path) -> int | None:
+    """The value of the ``"ignore"`` label (nnU-Net v2's sparse annotations) of a dataset.json, or None."""
+    path, declared = _declared_labels(path)
+    value = dict(declared).get(IGNORE_NAME)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{path}: the ignore label must be one integer, got {value!r}")
+    return value
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
@@ -118,7 +131,8 @@ def pair_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[tuple[str, Pat
 
 
 def evaluate_case(
-    case: str, pred_path: Path, ref_path: Path, labels: LabelSpec | None, nsd_tolerance_mm: Tolerance
+    case: str, pred_path: Path, ref_path: Path, labels: LabelSpec | None, nsd_tolerance_mm: Tolerance,
+    ignore_label: int | None = None,
 ) -> tuple[dict[str, dict[str, float | int]], list[int], int]:
     """Metrics of one pair of files (runs in a worker process).
 
@@ -127,9 +141,11 @@ def evaluate_case(
         pred_path, ref_path: label map files.
         labels: name -> value(s); None: every non-zero value of the prediction or reference, named str(value).
         nsd_tolerance_mm: mm, for all labels or per name (names absent from this case are ignored here).
+        ignore_label: reference value of voxels that count nowhere (`case_metrics`), or None.
 
     Returns:
-        ``(metrics per label, sorted non-zero reference values, number of voxels)``.
+        ``(metrics per label, sorted non-zero reference values, number of voxels)``, the ignore label and its voxels
+        left out.
 
     Raises:
         ValueError: the prediction is not on the reference grid.
@@ -138,12 +154,13 @@ def evaluate_case(
     ref, ref_geo = read_label(ref_path)
     if diffs := ref_geo.same_grid(pred_geo):
         raise ValueError(f"case {case!r}: prediction {pred_path} is not on the reference grid: {'; '.join(diffs)}")
-    ref_values = [int(v) for v in np.unique(ref) if v != 0]
+    ref_values = [int(v) for v in np.unique(ref) if v not in (0, ignore_label)]
     if labels is None:
-        labels = {str(v): v for v in sorted(set(ref_values) | {int(v) for v in np.unique(pred)} - {0})}
+        labels = {str(v): v for v in sorted(set(ref_values) | {int(v) for v in np.unique(pred)} - {0, ignore_label})}
     if isinstance(nsd_tolerance_mm, Mapping):
         nsd_tolerance_mm = {n: t for n, t in nsd_tolerance_mm.items() if n in labels}
-    return case_metrics(pred, ref, ref_geo.spacing, labels, nsd_tolerance_mm), ref_values, int(ref.size)
+    n_voxels = int(ref.size if ignore_label is None else np.count_nonzero(ref != ignore_label))
+    return case_metrics(pred, ref, ref_geo.spacing, labels, nsd_tolerance_mm, ignore_label), ref_values, n_voxels
 
 
 def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int) -> list[Any]:
@@ -163,6 +180,7 @@ def evaluate_folder(
     workers: int = 1,
     output: str | Path | None = None,
     plots: bool = True,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     """Score every prediction in `pred_dir` against its reference in `ref_dir`.
 
@@ -174,6 +192,8 @@ def evaluate_folder(
         workers: processes (> 1: a "forkserver" pool over cases).
         output: summary.json path; the CSV (same stem) and ``boxplot_<metric>.png`` go beside it. None: write nothing.
         plots: write the box plots (with `output`).
+        ignore_label: reference value of unannotated voxels (e.g. from `ignore_label_from_dataset_json`): they count
+            nowhere and the value is no label; None: every voxel counts.
 
     Returns:
         The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``.
@@ -183,7 +203,7 @@ def evaluate_folder(
             tolerances, or no foreground label in the references when `labels` is None.
     """
     return evaluate_pairs(pair_cases(pred_dir, ref_dir), labels, nsd_tolerance_mm, workers, output, plots,
-                          where=str(ref_dir))
+                          where=str(ref_dir), ignore_label=ignore_label)
 
 
 def evaluate_pairs(
@@ -194,13 +214,14 @@ def evaluate_pairs(
     output: str | Path | None = None,
     plots: bool = True,
     where: str = "the references",
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     """`evaluate_folder` for explicit ``(case id, prediction file, reference file)`` triples."""
     pairs = [(c, Path(p), Path(r)) for c, p, r in pairs]
     spec = None if labels is None else normalize_labels(labels)
     if spec is not None:
         resolve_tolerances(list(spec), nsd_tolerance_mm)  # fail on a bad tolerance before the work
-    results = _map(evaluate_case, [(c, p, r, spec, nsd_tolerance_mm) for c, p, r in pairs], workers)
+    results = _map(evaluate_case, [(c, p, r, spec, nsd_tolerance_mm, ignore_label) for c, p, r in pairs], workers)
     if spec is None:
         values = sorted(set().union(*(ref_values for _, ref_values, _ in results)))
         if not values:

@@ -5,6 +5,11 @@ output per region (BraTS: whole tumour = {1, 2, 3}, tumour core = {2, 3}, enhanc
 map back in ``regions_class_order``, later regions over earlier ones. Regions come from an nnU-Net dataset.json or
 from a recipe (``Recipe.regions``), which the planner writes into plans.json; everything downstream (targets,
 pseudo-Dice, the loss's nonlinearity, inference painting, scoring) asks this one object.
+
+nnU-Net v2's ignore label (sparse annotations): a dataset.json label named ``"ignore"``, the largest value, marks
+unannotated voxels. It is no class: the network has no output for it, `targets` marks its voxels with
+`IGNORE_TARGET` (the ``ignore_index`` `decathlete.losses.base.LossContext.logits_loss` hands the loss), and
+pseudo-Dice and scoring leave them out.
 """
 
 from __future__ import annotations
@@ -15,32 +20,40 @@ from typing import Any
 
 import torch
 
+IGNORE_NAME = "ignore"
+IGNORE_TARGET = -1  # target value of ignored voxels: below every class index and outside the {0, 1} of region masks
+
 
 @dataclass(frozen=True)
 class LabelScheme:
     """Label values of the dataset and, for region-based training, the regions.
 
     Attributes:
-        label_values: every label value of the dataset, background 0 first.
+        label_values: every class value of the dataset, background 0 first (the ignore label is no class).
         label_names: value -> name for the label values.
         regions: region name -> label values it unites, in output order; None for softmax classes.
         regions_class_order: per region, the label painted where it is predicted; None for softmax classes.
+        ignore_label: the value of unannotated voxels (dataset.json's ``"ignore"``), or None.
     """
 
     label_values: tuple[int, ...]
     label_names: Mapping[int, str]
     regions: Mapping[str, tuple[int, ...]] | None = None
     regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None
 
     @classmethod
     def from_dataset(cls, dataset: Mapping[str, Any]) -> LabelScheme:
         """From the ``dataset`` part of plans.json (``label_values``, ``labels``, ``regions``, ...)."""
-        names = {int(v): str(k) for k, v in (dataset.get("labels") or {}).items() if not isinstance(v, list)}
-        regions = dataset.get("regions")
+        labels = dict(dataset.get("labels") or {})
+        ignore = labels.pop(IGNORE_NAME, None)
+        ignore = int(ignore) if isinstance(ignore, int) else None  # a list is refused by validation
+        names = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
+        regions = {str(k): tuple(int(x) for x in v) for k, v in (dataset.get("regions") or {}).items()
+                   if k != IGNORE_NAME}
         order = dataset.get("regions_class_order")
-        return cls(tuple(int(v) for v in dataset["label_values"]), names,
-                   None if not regions else {str(k): tuple(int(x) for x in v) for k, v in regions.items()},
-                   None if not regions or order is None else tuple(int(x) for x in order))
+        return cls(tuple(int(v) for v in dataset["label_values"] if int(v) != ignore), names, regions or None,
+                   None if not regions or order is None else tuple(int(x) for x in order), ignore)
 
     @property
     def region_based(self) -> bool:
@@ -52,6 +65,11 @@ class LabelScheme:
         return len(self.regions) if self.regions else len(self.label_values)
 
     @property
+    def loss_ignore_index(self) -> int | None:
+        """The target value the loss must leave out (`targets` marks ignored voxels with it), or None."""
+        return None if self.ignore_label is None else IGNORE_TARGET
+
+    @property
     def nonlinearity(self) -> str:
         return "sigmoid" if self.region_based else "softmax"
 
@@ -61,29 +79,38 @@ class LabelScheme:
         return list(self.regions_class_order if self.region_based else self.label_values)
 
     def evaluation_labels(self) -> dict[str, int | list[int]]:
-        """What `decathlete.evaluate` scores: every region, or every foreground label, by name."""
+        """What `decathlete.evaluate` scores: every region, or every foreground label, by name (never the ignore
+        label, which `evaluate` gets separately to leave its voxels out)."""
         if self.regions:
             return {name: list(values) for name, values in self.regions.items()}
         return {self.label_names.get(v, str(v)): v for v in self.label_values if v != 0}
 
     def targets(self, label: torch.Tensor) -> torch.Tensor:
         """Training targets from a ``(B, 1, ...)`` label map: "outside" (-1) becomes background, as in nnU-Net; for
-        region-based data one binary float mask per region, ``(B, R, ...)``."""
-        label = label.long().clamp_min(0)
-        if not self.regions:
-            return label
-        masks = [torch.isin(label, torch.as_tensor(v, device=label.device)) for v in self.regions.values()]
-        return torch.cat(masks, dim=1).float()
+        region-based data one binary float mask per region, ``(B, R, ...)``. Voxels of the ignore label hold
+        `IGNORE_TARGET` (in every region), which `loss_ignore_index` tells the loss to leave out."""
+        label = label.long()
+        ignored = None if self.ignore_label is None else label == self.ignore_label
+        label = label.clamp_min(0)
+        if self.regions:
+            masks = [torch.isin(label, torch.as_tensor(v, device=label.device)) for v in self.regions.values()]
+            label = torch.cat(masks, dim=1).float()
+        # -1 rather than the ignore value: `split_labels` turns only negative labels into a valid class index, and
+        # the ignore value (one past the last class) would index past the losses' one-hot.
+        return label if ignored is None else label.masked_fill(ignored, IGNORE_TARGET)
 
     @torch.no_grad()
     def pseudo_dice_counts(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Per foreground class (or region): ``(3, K)`` true positives, false positives, false negatives.
 
-        Voxels labelled -1 ("outside") count nowhere. Predictions are the argmax (softmax) or > 0.5 (regions).
+        Voxels labelled -1 ("outside") or with the ignore label count nowhere. Predictions are the argmax (softmax)
+        or > 0.5 (regions).
         """
         valid = label >= 0
+        if self.ignore_label is not None:
+            valid &= label != self.ignore_label
         if self.regions:
-            target = self.targets(label).bool()
+            target = self.targets(label) > 0
             pred = logits.float().sigmoid() > 0.5
         else:
             classes = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, *[1] * (logits.ndim - 2))

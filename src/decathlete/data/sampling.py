@@ -111,6 +111,7 @@ class PatchSampler:
         case_weights: relative probability of each case id being drawn (ids not named weigh 1); None = uniform.
         max_open_cases: open case handles kept per process (each blosc2 file holds a descriptor); least recently
             used ones are closed beyond that.
+        ignore_label: the dataset's ignore label (unannotated voxels), never targeted; the framework passes it.
 
     Raises:
         ValueError: inconsistent sizes or dimensions, or no cases.
@@ -129,6 +130,7 @@ class PatchSampler:
         patch_size: Sequence[int] | None = None,
         max_open_cases: int = 256,
         case_weights: dict[str, float] | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -148,6 +150,7 @@ class PatchSampler:
         self.spatial_dims = spatial_dims
         self.slice_axis = slice_axis
         self.foreground_classes = None if foreground_classes is None else [int(c) for c in foreground_classes]
+        self.ignore_label = ignore_label
         self.oversample_foreground = float(oversample_foreground)
         self.probabilistic_oversampling = probabilistic_oversampling
         self.max_open_cases = max(1, int(max_open_cases))
@@ -211,7 +214,8 @@ class PatchSampler:
 
     def _eligible(self, locations: dict[int, np.ndarray]) -> list[int]:
         wanted = sorted(locations) if self.foreground_classes is None else self.foreground_classes
-        return [c for c in wanted if c in locations and len(locations[c]) > 0]
+        # The ignore label has stored locations like any value > 0, but it is no class (nnU-Net never targets it).
+        return [c for c in wanted if c in locations and len(locations[c]) > 0 and c != self.ignore_label]
 
     def _window(
         self, case: _OpenCase, forced: bool, rng: np.random.Generator

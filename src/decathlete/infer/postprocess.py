@@ -70,7 +70,12 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
 
 
-def _case_dice(pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+def _case_dice(pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, tuple[int, ...]],
+               ignore_label: int | None = None) -> np.ndarray:
+    """Dice per class; voxels the reference marks with ``ignore_label`` (not annotated) count nowhere."""
+    if ignore_label is not None:
+        annotated = ref != ignore_label
+        pred, ref = pred[annotated], ref[annotated]
     return np.array([_dice(np.isin(pred, v), np.isin(ref, v)) for v in labels.values()])
 
 
@@ -83,8 +88,8 @@ def _better(trial: np.ndarray, base: np.ndarray, only: int | None = None) -> boo
     return bool(trial.mean() > base.mean() + _TOLERANCE)
 
 
-def choose_postprocessing(pairs: Sequence[tuple[str | Path, str | Path]], labels: Mapping[str, Sequence[int] | int]
-                          ) -> dict[str, Any]:
+def choose_postprocessing(pairs: Sequence[tuple[str | Path, str | Path]], labels: Mapping[str, Sequence[int] | int],
+                          ignore_label: int | None = None) -> dict[str, Any]:
     """Decide the steps on ``(prediction, reference)`` files of the cross-validation (module docstring).
 
     One case in memory at a time: every candidate (none, foreground, each class on top of either) is scored per case
@@ -93,6 +98,7 @@ def choose_postprocessing(pairs: Sequence[tuple[str | Path, str | Path]], labels
     Args:
         pairs: prediction and reference label-map files, one pair per validation case.
         labels: name -> label value(s) (a region: their union).
+        ignore_label: the dataset's ignore label: reference voxels holding it are scored nowhere.
 
     Returns:
         The ``postprocessing.json`` document: the chosen steps and the mean Dice per class before and after.
@@ -105,15 +111,16 @@ def choose_postprocessing(pairs: Sequence[tuple[str | Path, str | Path]], labels
     for pred_path, ref_path in pairs:
         pred, ref = read_label(pred_path)[0], read_label(ref_path)[0]
         for base_name, base in (("none", pred), ("foreground", keep_largest(pred, None))):
-            scores.setdefault(base_name, []).append(_case_dice(base, ref, labels))
+            scores.setdefault(base_name, []).append(_case_dice(base, ref, labels, ignore_label))
             for name, values in labels.items():
-                scores.setdefault(f"{base_name}+{name}", []).append(_case_dice(keep_largest(base, values), ref, labels))
+                kept = keep_largest(base, values)
+                scores.setdefault(f"{base_name}+{name}", []).append(_case_dice(kept, ref, labels, ignore_label))
     mean = {k: np.mean(v, axis=0) for k, v in scores.items()}
     foreground = _better(mean["foreground"], mean["none"])
     base = "foreground" if foreground else "none"
     per_class = {n: list(labels[n]) for i, n in enumerate(names) if _better(mean[f"{base}+{n}"], mean[base], only=i)}
     spec = {"foreground": foreground, "per_class": per_class}
-    after = np.mean([_case_dice(apply_postprocessing(read_label(p)[0], spec), read_label(r)[0], labels)
+    after = np.mean([_case_dice(apply_postprocessing(read_label(p)[0], spec), read_label(r)[0], labels, ignore_label)
                      for p, r in pairs], axis=0) if per_class else mean[base]
     as_dict = lambda a: {n: round(float(x), 6) for n, x in zip(names, a)}  # noqa: E731
     return {**spec, "connectivity": CONNECTIVITY, "n_cases": len(pairs), "mean_dice_before": as_dict(mean["none"]),

@@ -46,7 +46,8 @@ class DatasetDescription:
         layout: ``"msd"`` or ``"nnunetv2"``.
         channel_names: Channel (modality) names; the index is the channel.
         labels: Name -> value as declared. For region-based nnU-Net datasets a value may be a tuple of
-            label values (the region), exactly as in dataset.json; plain datasets only hold ints.
+            label values (the region), exactly as in dataset.json; plain datasets only hold ints. The name
+            ``"ignore"`` (either layout) is nnU-Net v2's ignore label.
         regions: Region name -> label values (every non-background entry) for region-based datasets, else None.
         regions_class_order: nnU-Net ``regions_class_order`` (one label value per region), else None.
         file_ending: Image file suffix, e.g. ``".nii.gz"``.
@@ -74,7 +75,7 @@ class DatasetDescription:
 
     @property
     def label_values(self) -> tuple[int, ...]:
-        """Sorted integer values a label file may contain (region members included)."""
+        """Sorted integer values a label file may contain (region members and the ignore label included)."""
         return tuple(sorted({x for v in self.labels.values() for x in (v if isinstance(v, tuple) else (v,))}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,8 +288,9 @@ def _parse_nnunet(root: Path, meta: dict[str, Any], problems: list[Problem]) -> 
     labels = _nnunet_labels(meta["labels"], problems)
     rco = meta.get("regions_class_order")
     regions = None
-    if rco is not None or any(isinstance(v, tuple) for v in labels.values()):
-        regions = {k: v if isinstance(v, tuple) else (v,) for k, v in labels.items() if v != 0}
+    # The ignore label is no region (nnU-Net v2 skips it too); validation refuses a list for it.
+    if rco is not None or any(isinstance(v, tuple) for k, v in labels.items() if k != "ignore"):
+        regions = {k: v if isinstance(v, tuple) else (v,) for k, v in labels.items() if v != 0 and k != "ignore"}
         if not (isinstance(rco, list) and all(isinstance(x, int) for x in rco)):
             fix = "add 'regions_class_order': one label value per region, in the order of 'labels'"
             problems.append(Problem(None, f"region-based labels need a list 'regions_class_order', got {rco!r}", fix))

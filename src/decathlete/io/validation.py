@@ -116,7 +116,32 @@ def _label_declaration_problems(desc: DatasetDescription) -> list[Problem]:
     if desc.regions is not None and rco is not None and len(rco) != len(desc.regions):
         msg = f"regions_class_order has {len(rco)} entries for {len(desc.regions)} regions"
         problems.append(Problem(None, msg, "give one label value per region in regions_class_order"))
+    if 0 in desc.labels.values() and all(v >= 0 for v in desc.label_values):  # else reported above
+        problems += _label_value_problems(desc)
     return problems
+
+
+def _label_value_problems(desc: DatasetDescription) -> list[Problem]:
+    """nnU-Net v2's rules: labels 0..N-1 (output k is label k: a gap fails training with an index error) and the
+    ignore label, if any, right after them. Region members may be any values, as the outputs are the regions."""
+    ignore, name = desc.labels.get("ignore"), f"dataset '{desc.name}'"
+    if isinstance(ignore, tuple):
+        fix = 'give "ignore" one integer value, the largest of all labels'
+        return [Problem(None, f"{name}: the ignore label is a region {list(ignore)}", fix)]
+    values = sorted({x for k, v in desc.labels.items() if k != "ignore" for x in (v if isinstance(v, tuple) else (v,))})
+    misplaced = ignore is not None and any(v >= ignore for v in values)  # a gap left by the ignore label is its fault
+    if desc.regions is None and values != list(range(len(values))) and not misplaced:
+        msg = f"{name}: label values {values} are not consecutive (nnU-Net v2 requires 0..N-1)"
+        fix = f"relabel the label files and dataset.json 'labels' so the values are 0..{len(values) - 1}"
+        if desc.layout == "nnunetv2":
+            fix += " (or train regions: region-based labels, lists in 'labels', may use any values)"
+        return [Problem(None, msg, fix)]
+    n = len(values) if desc.regions is None else max(values, default=0) + 1  # the ignore label's value
+    if ignore is not None and ignore != n:
+        msg = f"{name}: the ignore label {ignore} must be the largest value, right after the labels {values}"
+        labels = f"the labels 0..{n - 1} and " if desc.regions is None else ""
+        return [Problem(None, msg, f'relabel to {labels}the ignore voxels {n}, and declare "ignore": {n}')]
+    return []
 
 
 def _file_problems(case: Case, desc: DatasetDescription, labelled: bool) -> list[Problem]:

@@ -83,6 +83,7 @@ class LossContext:
         """The registered logits loss ``name`` for this run, deep-supervised.
 
         For region-based (sigmoid) outputs, ``dice_ce`` becomes nnU-Net's ``dice_bce`` with the kwargs that apply.
+        With an ignore label, a loss that takes ``ignore_index`` leaves the ignored voxels out.
         """
         kwargs = dict(kwargs or {})
         if self.labels.region_based and name == "dice_ce":
@@ -90,6 +91,10 @@ class LossContext:
         if name in ("dice_ce", "dice_bce"):
             kwargs.setdefault("batch_dice", self.batch_dice)
         loss = get("losses", name)
-        if "region_based" in inspect.signature(loss).parameters:
+        parameters = inspect.signature(loss).parameters
+        if "region_based" in parameters:
             kwargs.setdefault("region_based", self.labels.region_based)
+        if self.labels.ignore_label is not None and "ignore_index" in parameters:
+            # The targets mark ignored voxels with this value (`LabelScheme.targets`): no other value would work.
+            kwargs["ignore_index"] = self.labels.loss_ignore_index
         return LogitsLoss(loss(**kwargs), self.deep_supervision_weights)

@@ -57,6 +57,8 @@ def split_labels(
     valid = None if ignore_index is None else target != ignore_index
     # clamp: the "outside" label -1 is background unless ignored; ignored voxels get 0, masked out by ``valid``.
     labels = target.long().clamp(min=0)
+    if valid is not None:
+        labels = labels.masked_fill(~valid, 0)  # an ignore value >= the class count must not index the one-hot
     return labels, valid
 
 

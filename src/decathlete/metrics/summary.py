@@ -97,6 +97,7 @@ def case_metrics(
     spacing: Sequence[float],
     labels: LabelSpec,
     nsd_tolerance_mm: Mapping[str, float] | float = DEFAULT_NSD_TOLERANCE_MM,
+    ignore_label: int | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Metrics of every label or region of one case.
 
@@ -105,6 +106,9 @@ def case_metrics(
         spacing: voxel size (z, y, x) in mm, array-axis order.
         labels: name -> value or list of values (region = union of the values).
         nsd_tolerance_mm: NSD tolerance in mm, for all labels or per label name.
+        ignore_label: reference value of unannotated voxels (nnU-Net v2's ignore label), or None. Those voxels
+            count nowhere, as in nnU-Net's ``compute_metrics``: the prediction there is dropped from both masks
+            (so also from the surfaces of NSD and HD95) and from ``tn``.
 
     Returns:
         ``{name: {metric: value}}`` in the order of `labels`.
@@ -113,11 +117,17 @@ def case_metrics(
         raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
     spec = normalize_labels(labels)
     tol = resolve_tolerances(list(spec), nsd_tolerance_mm)
+    valid = None if ignore_label is None else ref != ignore_label
+    n_ignored = 0 if valid is None else int(valid.size - np.count_nonzero(valid))
     out = {}
     for name, values in spec.items():
         p = pred == values[0] if len(values) == 1 else np.isin(pred, values)
         r = ref == values[0] if len(values) == 1 else np.isin(ref, values)
+        if n_ignored:
+            p &= valid
+            r &= valid
         out[name] = label_metrics(p, r, spacing, tol[name])
+        out[name]["tn"] = int(out[name]["tn"]) - n_ignored
     return out
 
 

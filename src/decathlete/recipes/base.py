@@ -217,7 +217,7 @@ SUPPLIED = {
     "losses": ("context",),
     "optimizers": ("params",),
     "schedules": (),
-    "samplers": ("case_dir", "case_ids", "input_size", "patch_size", "spatial_dims", "slice_axis"),
+    "samplers": ("case_dir", "case_ids", "input_size", "patch_size", "spatial_dims", "slice_axis", "ignore_label"),
     "tile_weights": ("patch_size",),
     "transforms": ("image", "label", "generator"),
     "normalizers": ("stats", "fingerprint", "dataset"),

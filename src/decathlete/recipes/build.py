@@ -89,11 +89,17 @@ def mirror_axes(recipe: Recipe, config: Configuration) -> tuple[int, ...]:
 
 
 def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_ids: Sequence[str],
-                  input_size: Sequence[int]) -> Any:
-    """The recipe's patch sampler over ``case_ids`` of the preprocessed folder, crops of ``input_size``."""
-    return registry.build("samplers", recipe.sampler.name, case_dir=cases_dir, case_ids=list(case_ids),
-                          input_size=input_size, patch_size=config.patch_size, spatial_dims=config.spatial_dims,
-                          slice_axis=int(config.resampling.get("slice_axis", 0)), **recipe.sampler.kwargs)
+                  input_size: Sequence[int], ignore_label: int | None = None) -> Any:
+    """The recipe's patch sampler over ``case_ids`` of the preprocessed folder, crops of ``input_size``.
+
+    A sampler taking ``ignore_label`` gets the dataset's (`LabelScheme.ignore_label`), which it never targets.
+    """
+    kwargs = dict(recipe.sampler.kwargs)
+    entry = registry.get("samplers", recipe.sampler.name)
+    if "ignore_label" in inspect.signature(entry).parameters:
+        kwargs["ignore_label"] = ignore_label
+    return entry(case_dir=cases_dir, case_ids=list(case_ids), input_size=input_size, patch_size=config.patch_size,
+                 spatial_dims=config.spatial_dims, slice_axis=int(config.resampling.get("slice_axis", 0)), **kwargs)
 
 
 def build_tile_weights(recipe: Recipe) -> Callable[[Sequence[int]], torch.Tensor]:
