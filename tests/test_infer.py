@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +18,7 @@ from decathlete.infer.predictor import Predictor, invert_preprocessing, predict_
 from decathlete.infer.sliding_window import whole_volume_patch
 from decathlete.infer.tta import flip_combinations
 from decathlete.io import images
+from decathlete.io.checkpoint import FINAL
 from decathlete.preprocess.cropping import paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_data, separate_axis_for
@@ -278,6 +280,25 @@ def test_oblique_anisotropic_inputs_keep_their_exact_geometry(workdir: Path, tmp
             sitk.WriteImage(copy, str(tmp_path / "itk_copy.nrrd"))
             a = sitk.ReadImage(str(tmp_path / "itk_copy.nrrd"))
         assert b.GetSpacing() == a.GetSpacing() and b.GetDirection() == a.GetDirection()
+
+
+def test_predict_uses_every_trained_fold_by_default(workdir: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("preprocessed"))
+    assert [d.name for d in Predictor(work, device="cpu").fold_dirs] == ["fold_0", "fold_1"]  # nnU-Net: 0-4
+    assert [d.name for d in Predictor(work, folds=(1,), device="cpu").fold_dirs] == ["fold_1"]
+    unfinished = work / "models" / "3d_fullres" / "tiny" / "fold_2"
+    shutil.copytree(unfinished.parent / "fold_0", unfinished)
+    (unfinished / FINAL).unlink()  # a fold still training: no final checkpoint yet
+    predictor = Predictor(work, device="cpu", tta=False)
+    assert [d.name for d in predictor.fold_dirs] == ["fold_0", "fold_1"] and predictor.skipped_folds == ["fold_2"]
+    with pytest.raises(FileNotFoundError):
+        Predictor(work, folds=(2,), device="cpu")  # a fold asked for by name must be there
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _write_oblique_nifti(inp / "case.nii.gz")
+    summary = predictor.predict_folder(inp, tmp_path / "out", progress=False)
+    assert summary["folds"] == ["fold_0", "fold_1"] and summary["skipped_folds"] == ["fold_2"]
 
 
 def test_fold_ensemble_averages_probabilities_and_no_tta_runs_once(workdir: Path, tmp_path: Path) -> None:

@@ -153,7 +153,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
     p.add_argument("-m", "--model", required=True, metavar="WORKDIR",
                    help="work folder (or WORKDIR/models/<config>/<recipe>) holding the trained folds")
-    _add_model_options(p, default_folds="0", folds_help="folds to ensemble, or 'all' (default: 0)")
+    _add_model_options(p, default_folds="all", folds_help="folds to ensemble (default 'all': every fold whose "
+                       "training finished, as nnU-Net's default 0-4; unfinished ones are left out and reported)")
     p.add_argument("--step", type=float, help="sliding-window step as a fraction of the patch (default: the "
                    "recipe's inference.step, 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write OUT/<case>.npz with probabilities")

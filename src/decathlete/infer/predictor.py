@@ -97,6 +97,19 @@ def resolve_fold_dirs(
     return found
 
 
+def _trained(fold_dirs: Sequence[Path], checkpoint: str) -> tuple[list[Path], list[str]]:
+    """The fold folders holding ``checkpoint``, and the names of those that do not (their training unfinished).
+
+    Raises:
+        FileNotFoundError: when none holds it.
+    """
+    done = [d for d in fold_dirs if (d / checkpoint).is_file()]
+    if not done:
+        raise FileNotFoundError(f"no fold under {fold_dirs[0].parent} holds {checkpoint} (is training finished? "
+                                f"`--checkpoint checkpoint_latest.pth` uses the latest one)")
+    return done, [d.name for d in fold_dirs if d not in done]
+
+
 def model_recipe(fold_dirs: Sequence[Path], plans: Plans, overrides: Sequence[str] = ()) -> Recipe:
     """The recipe the folds were trained with (their ``recipe.json``; for older folders without one, the plans'),
     with ``inference.*`` overrides only: everything else is what the model learned with.
@@ -173,7 +186,9 @@ class Predictor:
     Args:
         model: work folder or ``models/<config>/<recipe>`` folder (see `resolve_fold_dirs`).
         configuration: ``3d_fullres``, ``2d``, ``3d_lowres``.
-        folds: folds to ensemble; ``"all"`` = every trained fold.
+        folds: folds to ensemble; ``"all"`` or None (the default, as nnU-Net's folds 0-4) = every trained fold: each
+            ``fold_<k>`` holding ``checkpoint``; a fold folder without it (training unfinished) is left out and named
+            in ``skipped_folds``. Named folds must all hold it.
         checkpoint: checkpoint file name in each fold folder.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         tta: mirroring test-time augmentation (None: the recipe's ``inference.tta``, on by default).
@@ -188,12 +203,16 @@ class Predictor:
             tile, as nnU-Net does.
     """
 
-    def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = (0,),
+    def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = None,
                  checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None, step: float | None = None,
                  recipe: str | None = None, *, overrides: Sequence[str] = (),
                  mirror_axes: Sequence[int] | None = None, batch_tiles: int | None = None, postprocess: bool = True,
                  whole_volume: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
+        if folds is None or folds == "all":
+            self.fold_dirs, self.skipped_folds = _trained(self.fold_dirs, checkpoint)
+        else:
+            self.skipped_folds = []
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config = self.plans.configuration(configuration)
         for d in self.fold_dirs[1:]:
@@ -317,7 +336,8 @@ class Predictor:
             progress: show a progress bar.
 
         Returns:
-            ``{"n_cases", "n_done", "n_skipped", "seconds", "case_seconds", "outputs"}`` (outputs: case id -> file).
+            ``{"n_cases", "n_done", "n_skipped", "seconds", "folds", "skipped_folds", "case_seconds", "outputs"}``
+            (outputs: case id -> file; folds: the fold folders ensembled; skipped_folds: unfinished ones left out).
 
         Raises:
             ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
@@ -360,11 +380,12 @@ class Predictor:
             raise RuntimeError(f"{len(failed)} of {len(todo)} cases failed: {details}")
         n = len(cases)
         return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
+                "folds": [d.name for d in self.fold_dirs], "skipped_folds": self.skipped_folds,
                 "case_seconds": seconds, "outputs": {cid: str(t) for cid, t in targets.items()}}  # fmt: skip
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
-                   folds: Sequence[int] | str | None = (0,), *, overwrite: bool = False,
+                   folds: Sequence[int] | str | None = None, *, overwrite: bool = False,
                    save_probabilities: bool = False, progress: bool = True,
                    **predictor_kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """`Predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) + `Predictor.predict_folder`."""
