@@ -16,8 +16,9 @@ from decathlete.planning import budget
 from decathlete.planning.plans import Plans
 from decathlete.recipes.build import build_network
 from decathlete.synthetic import make_synthetic_dataset
+from decathlete.train import schedules
 from decathlete.train import trainer as trainer_module
-from decathlete.train.clock import TrainingClock, refit_epochs
+from decathlete.train.clock import TrainingClock, extended_anchor, refit_epochs, schedule_position
 from decathlete.train.distributed import World
 from decathlete.train.trainer import TrainOptions, train
 
@@ -197,3 +198,17 @@ def test_trainer_runs_the_refitted_number_of_epochs(workdir: Path, tmp_path: Pat
     # the last lr of each epoch: poly(0.9) over 2 planned steps, then over the 6 refitted ones
     assert lrs == pytest.approx([1e-2 * (1 - 1 / 2) ** 0.9, 1e-2 * (1 - 3 / 6) ** 0.9, 1e-2 * (1 - 5 / 6) ** 0.9],
                                 rel=1e-3)
+
+
+def test_an_extended_schedule_continues_from_the_last_rate() -> None:
+    poly = schedules.poly(0.9)
+    anchor = extended_anchor(poly, 4, 4, 12, None)  # finished after 4 steps (last used: 3), now 12
+    assert anchor == [3.0, 0.75]
+    rates = [poly(schedule_position(s, 12, anchor), 12) for s in range(3, 12)]
+    assert rates[0] == pytest.approx(poly(3, 4))  # continuous with the last rate used
+    assert all(b < a for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    assert schedule_position(12, 12, anchor) == pytest.approx(12)  # the end of the longer run reaches the end
+    exponential = schedules.exponential(0.9, every=2)
+    assert extended_anchor(exponential, 4, 4, 12, None) is None  # no total in it: it simply goes on
+    assert extended_anchor(poly, 4, 12, 8, None) is None  # shortened: the rate only falls faster
+    assert extended_anchor(poly, 5, 12, 12, None) is None  # same length: an exact resume

@@ -255,9 +255,16 @@ def test_downsample_target_matches_unet_heads():
     target = torch.randint(0, 3, (1, 1, 4, 8, 12))
     targets = downsample_target(target, ds_factors(strides))
     assert [t.shape[2:] for t in targets] == [o.shape[2:] for o in outputs]
-    assert torch.equal(targets[1], target[:, :, :, ::2, ::2])
-    # odd sizes: ceil(n / f), the size a stride-f convolution with padding k // 2 produces
-    assert downsample_target(torch.zeros(1, 1, 5, 7), [[1, 2], [2, 4]])[1].shape == (1, 1, 3, 2)
+    # nnU-Net's alignment: F.interpolate(mode="nearest-exact") on the float target, voxel f * i + f // 2
+    expected = F.interpolate(target.float(), size=(4, 4, 6), mode="nearest-exact").long()
+    assert torch.equal(targets[1], expected) and torch.equal(targets[1], target[:, :, :, 1::2, 1::2])
+    # odd sizes: ceil(n / f), the size a stride-f convolution with padding k // 2 produces, nearest-exact sampled
+    odd = torch.arange(35.0).view(1, 1, 5, 7)
+    for factor in ([2, 4], [1, 2], [2, 2]):
+        size = tuple(-(-n // f) for n, f in zip((5, 7), factor))
+        got = downsample_target(odd, [factor])[0]
+        assert got.shape == (1, 1, *size)
+        assert torch.equal(got, F.interpolate(odd, size=size, mode="nearest-exact"))
 
 
 def test_deep_supervision_is_weighted_sum_and_skips_zero_weights():

@@ -73,6 +73,18 @@ def test_refuses_to_overwrite_and_mismatched_resume(workdir: Path, tmp_path: Pat
     assert extended["epochs"] == 2 and extended["steps"] == 4
 
 
+def test_extending_a_finished_run_does_not_warm_the_learning_rate_up(workdir: Path, tmp_path: Path) -> None:
+    work = _fresh(workdir, tmp_path, "extend")
+    kwargs = {"iterations_per_epoch": 4, "val_iterations": 1, "device": "cpu", "num_workers": 0, "progress": False}
+    train(work, TrainOptions("3d_fullres", 0, epochs=1, **kwargs))
+    summary = train(work, TrainOptions("3d_fullres", 0, epochs=3, resume=True, **kwargs))
+    lrs = load_checkpoint(Path(summary["folder"]) / FINAL)["state"]["history"]["lr"]  # each epoch's last rate
+    # poly over 4 steps ended at 0.01 * (1/4)^0.9; re-evaluated over 12 steps, step 4 would be 0.01 * (2/3)^0.9
+    assert lrs[0] == pytest.approx(0.01 * 0.25**0.9)
+    assert 0 < lrs[2] < lrs[1] < lrs[0]
+    assert "no warm-up" in (Path(summary["folder"]) / "training_log.txt").read_text()
+
+
 def _cli(work: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "decathlete.cli", "train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs",
             "3", "--iterations-per-epoch", "4", "--val-iterations", "2", "--device", "cpu", "-j", "0", *extra]

@@ -22,7 +22,10 @@ from decathlete.io.images import read_image, read_label
 from decathlete.planning.plans import write_json_atomic
 from decathlete.preprocess.cropping import crop_to_nonzero
 
-# Total foreground voxels sampled per channel over the dataset (split evenly between cases), as in nnU-Net v2.
+# Foreground voxels sampled per channel over the dataset, the same number from every case drawn with replacement
+# (nnU-Net v2's rule), so a case with a small foreground weighs as much as one with a large foreground in the CT
+# clip range and statistics. nnU-Net draws 1e8 in all; 1e7 (40 MB per channel instead of 400 MB, and a tenth of the
+# percentile sort) puts the 0.5/99.5 percentiles within ~2e-5 in rank of the 1e8 ones: a deliberate difference.
 TOTAL_INTENSITY_SAMPLES = 10_000_000
 MIN_SAMPLES_PER_CASE = 10_000
 
@@ -42,10 +45,8 @@ def fingerprint_case(case: Case, samples_per_case: int) -> dict[str, Any]:
     samples, per_channel = [], []
     for channel in cropped:
         voxels = channel[foreground].astype(np.float64)
-        if voxels.size > samples_per_case:
-            samples.append(rng.choice(voxels, samples_per_case, replace=False).astype(np.float32))
-        else:
-            samples.append(voxels.astype(np.float32))
+        drawn = rng.choice(voxels, samples_per_case, replace=True) if voxels.size else voxels
+        samples.append(drawn.astype(np.float32))
         per_channel.append(intensity_stats(voxels))
     return {
         "id": case.id,

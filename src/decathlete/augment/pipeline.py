@@ -63,6 +63,9 @@ class AugmentConfig:
         p_lowres, lowres_zoom, p_lowres_per_channel: simulated low resolution (zoom < 1 = coarser).
         p_gamma_inverted, p_gamma, gamma_range: gamma on the inverted image, then on the image; stats retained.
         p_mirror, mirror_axes: flip probability per axis; spatial axes (0 = z in 3D); ``None`` = all.
+        mask_channels: channels set back to 0 wherever the augmented label is -1 ("outside" the nonzero mask, or
+            padding), last (nnU-Net's MaskImageTransform). The framework sets it from the plan: the channels
+            normalised inside the nonzero mask, which are exactly 0 outside it at inference.
     """
 
     p_rotation: float = 0.2
@@ -92,6 +95,7 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_mirror: float = 0.5
     mirror_axes: tuple[int, ...] | None = None
+    mask_channels: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples stay tuples; ``json.dumps`` writes them as lists)."""
@@ -195,7 +199,11 @@ def augment(
         p_mirror=config.p_mirror, mirror_axes=config.mirror_axes, dummy_2d=config.dummy_2d,
     )  # fmt: skip
     image, label = apply_spatial(image, label, patch_size, draw, label_pad_value=config.label_pad_value)
-    return _intensity(image, config, generator), label
+    image = _intensity(image, config, generator)
+    if config.mask_channels:
+        channels = list(config.mask_channels)
+        image[:, channels] = image[:, channels].masked_fill(label < 0, 0.0)
+    return image, label
 
 
 class Augmenter:

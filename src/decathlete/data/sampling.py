@@ -84,6 +84,26 @@ class _OpenCase:
     shape: tuple[int, int, int]
 
 
+def rank_oversample_fraction(fraction: float, global_batch: int, world_size: int, rank: int) -> float:
+    """This rank's share of forced-foreground samples so that the *global* batch has nnU-Net's share.
+
+    nnU-Net forces the last ``round(B * (1 - fraction))``-onward samples of a batch; under DDP it splits the global
+    batch over ranks (the first ``B % world`` ranks take one more sample) and gives each rank the fraction of its
+    own samples that lie in the forced tail of the global batch (``nnUNetTrainer._set_batch_size_and_oversample``):
+    0 for a rank wholly before it, 1 for a rank wholly inside it. Per-rank fractions instead would force nothing in
+    a global batch of 2 on 2 ranks (``round(1 * 0.67) = 1`` unforced sample each).
+    """
+    if world_size <= 1:
+        return fraction
+    sizes = [global_batch // world_size + (1 if r < global_batch % world_size else 0) for r in range(world_size)]
+    low, high = sum(sizes[:rank]) / global_batch, sum(sizes[:rank + 1]) / global_batch
+    if high < 1 - fraction:
+        return 0.0
+    if low > 1 - fraction:
+        return 1.0
+    return 1 - ((1 - fraction) - low) / (high - low)
+
+
 @register_sampler("patch")
 class PatchSampler:
     """Draws batches of training crops from preprocessed cases (see the module docstring for the rules).

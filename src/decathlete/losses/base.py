@@ -6,7 +6,8 @@ every output's grid). A recipe's ``loss`` names one of two kinds of registered l
 
 * a loss on logits, ``loss(logits, target)`` (``dice_ce``, ``ce``, ``topk_ce`` ...): the framework applies it to
   every deep-supervision output with nnU-Net's weights (`LossContext.logits_loss`); one whose constructor takes
-  ``region_based`` is told whether the outputs are sigmoid regions (the target is then region masks, not a map);
+  ``region_based`` is told whether the outputs are sigmoid regions (the target is then region masks, not a map),
+  and one that takes ``ddp`` whether the run has several DDP ranks;
 * a `TrainingLoss` subclass, built with the recipe's kwargs plus ``context`` (a `LossContext`), which sees the whole
   output and batch: a reconstruction or KL term of a VAE branch, or a term on the input image, needs no change of
   the loop. It composes the segmentation part with ``context.logits_loss(...)``.
@@ -72,12 +73,14 @@ class LossContext:
         batch_dice: the plan's choice of Dice over the batch, the default of Dice-based logits losses.
         class_voxels: voxels of each label value in the training data (the fingerprint's), for frequency weights;
             empty for plans made before it was recorded.
+        distributed: the run has several DDP ranks (a batch Dice then sums over all of them).
     """
 
     labels: LabelScheme
     deep_supervision_weights: list[float]
     batch_dice: bool
     class_voxels: dict[int, int] = field(default_factory=dict)
+    distributed: bool = False
 
     def logits_loss(self, name: str, kwargs: dict[str, Any] | None = None) -> LogitsLoss:
         """The registered logits loss ``name`` for this run, deep-supervised.
@@ -94,6 +97,8 @@ class LossContext:
         parameters = inspect.signature(loss).parameters
         if "region_based" in parameters:
             kwargs.setdefault("region_based", self.labels.region_based)
+        if "ddp" in parameters:
+            kwargs.setdefault("ddp", self.distributed)
         if self.labels.ignore_label is not None and "ignore_index" in parameters:
             # The targets mark ignored voxels with this value (`LabelScheme.targets`): no other value would work.
             kwargs["ignore_index"] = self.labels.loss_ignore_index

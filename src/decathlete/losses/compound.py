@@ -33,6 +33,7 @@ class DiceCELoss(nn.Module):
         ignore_index: label of voxels left out of both terms, or None (then negative labels are background).
         weight: optional CE class weights, one per class.
         topk: when set, the CE term is the top-k CE over this percentage of voxels (nnU-Net's DC_and_topk_loss).
+        ddp: batch Dice over every DDP rank's batch (`SoftDiceLoss`); set by the framework.
     """
 
     def __init__(
@@ -45,10 +46,11 @@ class DiceCELoss(nn.Module):
         ignore_index: int | None = None,
         weight: Sequence[float] | None = None,
         topk: float | None = None,
+        ddp: bool = False,
     ) -> None:
         super().__init__()
         self.weight_ce, self.weight_dice, self.ignore_index = weight_ce, weight_dice, ignore_index
-        self.dice = SoftDiceLoss("softmax", batch_dice, include_background, smooth, ignore_index)
+        self.dice = SoftDiceLoss("softmax", batch_dice, include_background, smooth, ignore_index, ddp)
         self.ce = (
             CrossEntropyLoss(weight, ignore_index) if topk is None else TopKCrossEntropyLoss(topk, weight, ignore_index)
         )
@@ -79,6 +81,7 @@ class DiceBCELoss(nn.Module):
         batch_dice: Dice over the whole batch instead of per sample.
         smooth: Dice smoothing (nnU-Net: 1e-5).
         ignore_index: target value of ignored elements, or None (then the target must lie in [0, 1]).
+        ddp: batch Dice over every DDP rank's batch (`SoftDiceLoss`); set by the framework.
     """
 
     def __init__(
@@ -88,10 +91,11 @@ class DiceBCELoss(nn.Module):
         batch_dice: bool = False,
         smooth: float = 1e-5,
         ignore_index: float | None = None,
+        ddp: bool = False,
     ) -> None:
         super().__init__()
         self.weight_ce, self.weight_dice, self.ignore_index = weight_ce, weight_dice, ignore_index
-        self.dice = SoftDiceLoss("sigmoid", batch_dice, True, smooth, ignore_index)
+        self.dice = SoftDiceLoss("sigmoid", batch_dice, True, smooth, ignore_index, ddp)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss for logits and region masks, both ``(B, R, *spatial)``; a scalar tensor."""

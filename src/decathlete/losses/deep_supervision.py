@@ -2,7 +2,7 @@
 
 nnU-Net (Isensee et al. 2021, https://doi.org/10.1038/s41592-020-01008-z) weights the outputs, full resolution
 first, by 1/2^i, sets the weight of the lowest resolution to 0 and normalises the weights to sum to 1. Targets for
-the lower resolutions are the full-resolution target subsampled to each output's grid.
+the lower resolutions are the full-resolution target sampled onto each output's grid (`downsample_target`).
 """
 
 from __future__ import annotations
@@ -59,14 +59,25 @@ def ds_factors(strides: Sequence[Sequence[int]]) -> list[list[int]]:
     return [[int(f) for f in row] for row in cumulative[:-1]]
 
 
-def downsample_target(target: torch.Tensor, factors: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """The target on each output's grid, by nearest-neighbour subsampling: ``target[..., ::fz, ::fy, ::fx]``.
+def _nearest_exact(n: int, f: int) -> slice | torch.Tensor:
+    """Input indices of ``ceil(n / f)`` outputs sampled as ``F.interpolate(mode="nearest-exact")``:
+    ``floor((i + 0.5) * n / out)``, the voxel nearest each output's centre; a strided slice when ``f`` divides ``n``."""
+    out = -(-n // f)
+    if n % f == 0:
+        return slice(f // 2, None, f)
+    return ((torch.arange(out, dtype=torch.float64) + 0.5) * n / out).floor().long().clamp_(max=n - 1)
 
-    Output voxel ``i`` of a stride-``f`` convolution (kernel ``k``, padding ``k // 2``) is centred on input voxel
-    ``f * i``, which is exactly the voxel this slicing keeps, and ``ceil(n / f)`` voxels remain, the convolution's
-    output size. nnU-Net's DownsampleSegForDSTransform resizes with nearest interpolation (order 0) instead; for the
-    divisible patch sizes nnU-Net plans the shapes agree. Slicing copies nothing (the results are views), never
-    invents a label, and keeps an ignore value (-1) as it is. Works for label maps and region masks, 2D and 3D.
+
+def downsample_target(target: torch.Tensor, factors: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The target on each output's grid by nearest-neighbour sampling aligned as nnU-Net's: ``nearest-exact``.
+
+    nnU-Net v2 (batchgeneratorsv2's DownsampleSegForDSTransform) resizes the target with
+    ``F.interpolate(mode="nearest-exact")``, which for a factor ``f`` dividing the size keeps voxel
+    ``f * i + f // 2`` (the centre of each ``f``-block, rounded up), i.e. ``target[..., f//2::f]``; a stride-``f``
+    convolution's output ``i`` is centred on voxel ``f * i`` instead, half a block earlier. We follow nnU-Net (its
+    accuracy is the reference; mirroring in training makes the half-block offset symmetric on average). The grid is
+    the convolution's, ``ceil(n / f)`` voxels; divisible sizes (all nnU-Net plans) give views, others an index copy.
+    Labels are never invented and an ignore value (-1) stays as it is. Label maps and region masks, 2D and 3D.
 
     Args:
         target: ``(B, C, *spatial)`` target (label map with C = 1, or region masks).
@@ -83,7 +94,14 @@ def downsample_target(target: torch.Tensor, factors: Sequence[Sequence[int]]) ->
     for factor in factors:
         if len(factor) != spatial:
             raise ValueError(f"factor {list(factor)} has {len(factor)} axes, the target {spatial} spatial axes")
-        results.append(target[(..., *(slice(None, None, int(f)) for f in factor))])
+        out = target
+        for axis, f in enumerate(factor):
+            index = _nearest_exact(target.shape[2 + axis], int(f))
+            if isinstance(index, slice):
+                out = out[(slice(None),) * (2 + axis) + (index,)]
+            else:
+                out = out.index_select(2 + axis, index.to(target.device))
+        results.append(out)
     return results
 
 

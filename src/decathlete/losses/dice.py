@@ -23,6 +23,8 @@ which is what nnU-Net does (its ``RemoveLabelTransform(-1, 0)``). With a dense t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from decathlete.registry import register_loss
@@ -113,12 +115,30 @@ def dice_stats(
     return tp, volume_pred, volume_ref
 
 
+def sum_over_ranks(*stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor summed over the DDP ranks, with gradients (a no-op outside a process group of several ranks).
+
+    The backward pass sums every rank's gradient of the global sums, as nnU-Net's all-gather of tp/fp/fn does: each
+    rank's loss is the global batch Dice, and DDP's gradient average over ranks then gives exactly the gradient of
+    one process training on the whole global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return stats
+    return tuple(dist_nn.all_reduce(s.contiguous(), op=dist.ReduceOp.SUM) for s in stats)
+
+
 def soft_dice(
-    tp: torch.Tensor, volume_pred: torch.Tensor, volume_ref: torch.Tensor, *, batch_dice: bool, smooth: float
+    tp: torch.Tensor, volume_pred: torch.Tensor, volume_ref: torch.Tensor, *, batch_dice: bool, smooth: float,
+    ddp: bool = False,
 ) -> torch.Tensor:
-    """nnU-Net's negative mean soft Dice from ``(B, C)`` statistics (already stripped of background if wanted)."""
+    """nnU-Net's negative mean soft Dice from ``(B, C)`` statistics (already stripped of background if wanted).
+
+    With ``batch_dice`` and ``ddp`` the batch sums cover the global batch: every rank's statistics are summed.
+    """
     if batch_dice:
         tp, volume_pred, volume_ref = tp.sum(0), volume_pred.sum(0), volume_ref.sum(0)
+        if ddp:
+            tp, volume_pred, volume_ref = sum_over_ranks(tp, volume_pred, volume_ref)
     # volume_pred + volume_ref = 2 tp + fp + fn
     dc = (2 * tp + smooth) / torch.clip(volume_pred + volume_ref + smooth, min=1e-8)
     return -dc.mean()
@@ -135,7 +155,9 @@ class SoftDiceLoss(nn.Module):
         apply_nonlin: ``"softmax"`` (label maps), ``"sigmoid"`` (regions) or None (the input already holds
             probabilities).
         batch_dice: sum tp/fp/fn over the batch before the ratio (nnU-Net's ``batch_dice``) instead of averaging
-            per-sample Dice scores. Under DDP the sums cover the local batch only.
+            per-sample Dice scores.
+        ddp: with ``batch_dice``, sum over every DDP rank's batch too (the framework sets it for runs of several
+            ranks), so the Dice is the global batch's as in nnU-Net; without a process group it changes nothing.
         include_background: keep channel 0 in the mean. Ignored with ``"sigmoid"``, where every channel is a region.
         smooth: added to numerator and denominator (nnU-Net: 1e-5).
         ignore_index: label (label map) or value (dense target) of voxels that count nowhere, or None.
@@ -148,6 +170,7 @@ class SoftDiceLoss(nn.Module):
         include_background: bool = False,
         smooth: float = 1e-5,
         ignore_index: int | None = None,
+        ddp: bool = False,
     ) -> None:
         super().__init__()
         if apply_nonlin not in NONLINEARITIES:
@@ -157,6 +180,7 @@ class SoftDiceLoss(nn.Module):
         self.include_background = include_background
         self.smooth = smooth
         self.ignore_index = ignore_index
+        self.ddp = ddp
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss for ``logits`` ``(B, C, *spatial)`` and a label-map or dense ``target``; a scalar tensor."""
@@ -184,4 +208,5 @@ class SoftDiceLoss(nn.Module):
             if not self.include_background and self.apply_nonlin != "sigmoid":
                 probs, ref = probs[:, 1:], ref[:, 1:]
                 valid = valid if valid is None or valid.shape[1] == 1 else valid[:, 1:]
-            return soft_dice(*dice_stats(probs, ref, valid), batch_dice=self.batch_dice, smooth=self.smooth)
+            return soft_dice(*dice_stats(probs, ref, valid), batch_dice=self.batch_dice, smooth=self.smooth,
+                             ddp=self.ddp)

@@ -3,7 +3,9 @@
 The architecture follows nnU-Net's generic U-Net (Isensee et al. 2021, https://doi.org/10.1038/s41592-020-01008-z)
 and its residual-encoder variant ("nnU-Net Revisited", Isensee et al. 2024, https://arxiv.org/abs/2404.09556):
 conv–InstanceNorm–LeakyReLU(0.01) blocks, strided convolutions for downsampling, transposed convolutions for
-upsampling, and a 1×1 segmentation head at every decoder level but the lowest for deep supervision.
+upsampling, and a 1×1 segmentation head at every decoder level but the lowest for deep supervision. Weights start
+as nnU-Net's do: Kaiming-normal convolutions (`decathlete.nets.layers.he_init`) and, in residual blocks, a zeroed
+last norm (`zero_last_norm`).
 
 ``feature_map_elements`` counts the activations the network produces for a patch *from the same description* that
 builds the module; the planner uses it to fit patch and batch to a memory budget (``planning/rules.py``), and a test
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from decathlete.nets.base import SegmentationNet
-from decathlete.nets.layers import LayerSpec, conv_class, make_act, make_conv, make_norm
+from decathlete.nets.layers import LayerSpec, conv_class, he_init, make_act, make_conv, make_norm
 from decathlete.registry import register_net
 
 DEFAULT_NORM: LayerSpec = ("instance", {"affine": True, "eps": 1e-5})
@@ -55,6 +57,17 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+def zero_last_norm(module: nn.Module) -> None:
+    """nnU-Net ResEnc's ``init_last_bn_before_add_to_0``: a residual block's last norm starts at weight and bias 0,
+    so every block starts as its shortcut; use as ``net.apply(zero_last_norm)``."""
+    if isinstance(module, ResidualBlock):
+        norm = module.conv2[1]
+        if getattr(norm, "weight", None) is not None:
+            nn.init.zeros_(norm.weight)
+        if getattr(norm, "bias", None) is not None:
+            nn.init.zeros_(norm.bias)
 
 
 def _stage(block: str, dims: int, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int], n: int,
@@ -113,6 +126,8 @@ class DynamicUNet(SegmentationNet):
             self.decoder.append(_stage("plain", dims, 2 * feats[s], feats[s], kernel_sizes[s], [1] * dims,
                                        dec_convs[s], norm, act, conv))
             self.heads.append(conv_class(dims)(feats[s], num_classes, 1, bias=True))
+        self.apply(he_init)
+        self.apply(zero_last_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.stem is not None:

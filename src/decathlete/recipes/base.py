@@ -163,7 +163,7 @@ class Recipe:
 
     name: str
     net: Spec = Spec("unet", {"block": "plain", **UNET_LAYERS})
-    loss: Spec = Spec("dice_ce", {"batch_dice": False, "include_background": False})
+    loss: Spec = Spec("dice_ce", {"include_background": False})  # batch_dice: the plan's, unless set
     optimizer: Spec = Spec("sgd", {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5})
     schedule: Spec = Spec("poly", {"power": 0.9})
     epochs: int = 1000

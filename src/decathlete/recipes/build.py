@@ -19,6 +19,7 @@ import torch
 from decathlete import registry
 from decathlete.augment import AugmentConfig
 from decathlete.augment.presets import sampling_size
+from decathlete.data.sampling import rank_oversample_fraction
 from decathlete.labels import LabelScheme, check_regions
 from decathlete.losses.base import LossContext, TrainingLoss
 from decathlete.losses.deep_supervision import ds_weights
@@ -39,7 +40,8 @@ def loss_context(config: Configuration, plans: Plans, world_size: int = 1) -> Lo
     # Under DDP every head needs a gradient: a tiny weight instead of 0 for the lowest one (nnU-Net's trick).
     weights = ds_weights(n_outputs, last_weight=1e-6 if world_size > 1 else 0.0)
     voxels = {int(v): int(n) for v, n in plans.fingerprint_summary.get("class_voxels", {}).items()}
-    return LossContext(LabelScheme.from_dataset(plans.dataset), weights, config.batch_dice, voxels)
+    return LossContext(LabelScheme.from_dataset(plans.dataset), weights, config.batch_dice, voxels,
+                       distributed=world_size > 1)
 
 
 def build_loss(recipe: Recipe, config: Configuration, plans: Plans, world_size: int = 1) -> TrainingLoss:
@@ -66,8 +68,12 @@ def base_learning_rate(recipe: Recipe) -> float:
 
 
 def build_augmentation(recipe: Recipe, config: Configuration) -> tuple[AugmentConfig, tuple[int, ...]]:
-    """The recipe's augmentation for this configuration (preset + overrides) and the crop size it needs."""
+    """The recipe's augmentation for this configuration (preset + overrides) and the crop size it needs; channels
+    the plan normalises inside the nonzero mask are re-masked after augmentation (``mask_channels``)."""
     base = registry.build("augmentations", recipe.augment.name, configuration=config)
+    masked = tuple(c for c, spec in enumerate(getattr(config, "normalization", None) or [])
+                   if spec.get("use_nonzero_mask"))
+    base = replace(base, mask_channels=masked)
     overrides = {k: v for k, v in asdict(recipe.augment).items() if k not in ("name", "extra") and v is not None}
     augmentation = replace(base, **overrides)
     return augmentation, sampling_size(augmentation, config.patch_size)
@@ -89,14 +95,22 @@ def mirror_axes(recipe: Recipe, config: Configuration) -> tuple[int, ...]:
 
 
 def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_ids: Sequence[str],
-                  input_size: Sequence[int], ignore_label: int | None = None) -> Any:
+                  input_size: Sequence[int], rank: int = 0, world_size: int = 1,
+                  ignore_label: int | None = None) -> Any:
     """The recipe's patch sampler over ``case_ids`` of the preprocessed folder, crops of ``input_size``.
 
-    A sampler taking ``ignore_label`` gets the dataset's (`LabelScheme.ignore_label`), which it never targets.
+    Under DDP (``world_size`` > 1) a sampler taking ``oversample_foreground`` gets this rank's share of the forced
+    samples, so that the global batch (the plan's ``batch_size``) has the recipe's fraction
+    (`rank_oversample_fraction`). A sampler taking ``ignore_label`` gets the dataset's (`LabelScheme.ignore_label`),
+    which it never targets.
     """
     kwargs = dict(recipe.sampler.kwargs)
     entry = registry.get("samplers", recipe.sampler.name)
-    if "ignore_label" in inspect.signature(entry).parameters:
+    fraction = inspect.signature(entry).parameters.get("oversample_foreground")
+    if world_size > 1 and fraction is not None:
+        wanted = float(kwargs.get("oversample_foreground", fraction.default))
+        kwargs["oversample_foreground"] = rank_oversample_fraction(wanted, config.batch_size, world_size, rank)
+    if ignore_label is not None and "ignore_label" in inspect.signature(entry).parameters:
         kwargs["ignore_label"] = ignore_label
     return entry(case_dir=cases_dir, case_ids=list(case_ids), input_size=input_size, patch_size=config.patch_size,
                  spatial_dims=config.spatial_dims, slice_axis=int(config.resampling.get("slice_axis", 0)), **kwargs)

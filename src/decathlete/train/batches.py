@@ -1,4 +1,4 @@
-"""The trainer's batch sources: training crops from background workers and the fixed validation patches."""
+"""The trainer's batch sources: training crops from background workers and each epoch's validation patches."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ class TrainBatches:
 
 
 class ValidationBatches:
-    """The same ``n`` un-augmented validation patches every epoch (foreground oversampled as in training).
+    """``n`` un-augmented validation patches per epoch, drawn afresh each epoch as nnU-Net's validation loader does
+    (foreground oversampled as in training): over a run the pseudo-Dice sees many patches, not the same few, while
+    epoch ``e``'s patches stay a pure function of (seed, rank, e) so that a resumed run validates identically.
 
     Args:
         sampler: the recipe's sampler over the validation cases, crops of the patch size.
@@ -44,8 +46,8 @@ class ValidationBatches:
         self.sampler = sampler
         self.batch_size, self.seed, self.rank, self.n_batches = batch_size, seed, rank, n_batches
 
-    def iterate(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, device: torch.device, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(self.n_batches):
-            rng = np.random.default_rng([self.seed + VALIDATION_SEED_OFFSET, self.rank, i])
+            rng = np.random.default_rng([self.seed + VALIDATION_SEED_OFFSET, self.rank, epoch, i])
             image, label, _ = self.sampler.sample_batch(self.batch_size, rng)
             yield torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -19,8 +20,10 @@ class TrainingClock:
     back, so re-fitting the run to more epochs (fewer steps done out of more) does not raise the learning rate again.
     """
 
-    def __init__(self, budget_s: float | None, already_s: float = 0.0) -> None:
+    def __init__(self, budget_s: float | None, already_s: float = 0.0,
+                 anchor: tuple[float, float] | list[float] | None = None) -> None:
         self.budget_s, self.already_s, self.start = budget_s, already_s, time.perf_counter()
+        self.anchor = anchor
         self._reached = 0.0
 
     def elapsed(self) -> float:
@@ -33,9 +36,12 @@ class TrainingClock:
             self._reached = min(done, 1.0)
         return min(done, 1.0)
 
-    def schedule_step(self, step: int, total: int) -> int:
-        """The step a step-based schedule should be evaluated at (``step`` itself without a budget)."""
-        return step if not self.budget_s else max(step, int(self.progress(step, total) * total))
+    def schedule_step(self, step: int, total: int) -> float:
+        """The step a step-based schedule should be evaluated at: ``step`` itself, or the budget's progress, or on an
+        extended run the position that continues its schedule (`schedule_position`)."""
+        if self.budget_s:
+            return max(step, int(self.progress(step, total) * total))
+        return schedule_position(step, total, self.anchor)
 
     def out_of_time(self, reserve_s: float = 0.0) -> bool:
         """True when what is left of the budget no longer covers ``reserve_s`` (the closing validation)."""
@@ -52,6 +58,35 @@ class TrainingClock:
             return None
         per_epoch = statistics.median(epoch_seconds)
         return epochs_done + max(0, round((self.budget_s - self.elapsed()) / max(per_epoch, 1e-6)))
+
+
+def schedule_position(step: int, total: int, anchor: tuple[float, float] | list[float] | None) -> float:
+    """Where a schedule over ``total`` steps stands at ``step``: ``step`` itself, or, for a run extended at step
+    ``s0`` with its schedule at progress ``p0`` (``anchor``), the remaining progress spread over the remaining steps,
+    ``(p0 + (1 - p0) * (step - s0) / (total - s0)) * total``: the learning rate continues from where it was and
+    anneals to the end of the longer run instead of jumping back up."""
+    if anchor is None:
+        return step
+    s0, p0 = anchor
+    return (p0 + (1 - p0) * (step - s0) / max(total - s0, 1)) * total
+
+
+def extended_anchor(schedule: Callable[[float, int], float], step: int, old_total: int, new_total: int,
+                    anchor: tuple[float, float] | list[float] | None) -> list[float] | None:
+    """The schedule anchor of a run resumed at ``step`` with ``new_total`` steps instead of ``old_total``.
+
+    Unchanged unless the new length would raise the learning rate above the last one used, at ``step - 1`` (a poly
+    or cosine schedule evaluated over more steps); then the run continues from that step's progress
+    (`schedule_position`), so the rate goes on falling from where it was to the end of the longer run. Schedules
+    that do not depend on the total (exponential, constant) and shortened runs keep theirs.
+    """
+    if new_total == old_total or step <= 0:
+        return None if anchor is None else list(anchor)
+    last = step - 1
+    if schedule(schedule_position(step, new_total, anchor), new_total) <= schedule(
+            schedule_position(last, old_total, anchor), old_total):
+        return None if anchor is None else list(anchor)
+    return [float(last), min(schedule_position(last, old_total, anchor) / max(old_total, 1), 1.0)]
 
 
 def _decided_by_rank0(value: float, world: World, dev: torch.device) -> float:

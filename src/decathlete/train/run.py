@@ -57,6 +57,7 @@ class TrainState:
     ema_dice: float | None = None
     best_ema: float = -1.0
     seconds: float = 0.0
+    schedule_anchor: list[float] | None = None  # (step, progress) where an extended run's schedule continues
     history: dict[str, list] = field(default_factory=lambda: {
         "train_loss": [], "val_loss": [], "pseudo_dice": [], "ema_dice": [], "lr": [], "epoch_seconds": [],
         "pseudo_dice_per_class": []})
@@ -105,8 +106,12 @@ def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def restore(out: Path, settings: RunSettings, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> TrainState:
-    """Load the latest checkpoint; the recipe apart from its length must match (a longer run extends it)."""
+            optimizer: torch.optim.Optimizer) -> tuple[TrainState, int]:
+    """Load the latest checkpoint; the recipe apart from its length must match (a longer run extends it).
+
+    Returns:
+        The saved state and the total of steps the saved run's schedule ran over.
+    """
     saved = ckpt.load_checkpoint(out / ckpt.LATEST)
     old, new = _comparable(saved["settings"]["recipe"]), _comparable(settings.recipe)
     if old != new or saved["settings"]["seed"] != settings.seed:
@@ -116,4 +121,5 @@ def restore(out: Path, settings: RunSettings, model: torch.nn.Module,
                          "start a new run elsewhere or use the same settings")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return TrainState(**saved["state"])
+    old_recipe = saved["settings"]["recipe"]
+    return TrainState(**saved["state"]), int(old_recipe["epochs"]) * int(old_recipe["iterations_per_epoch"])

@@ -29,7 +29,7 @@ from decathlete.recipes import build
 from decathlete.recipes.base import Recipe, get_recipe, saved_recipe, validate
 from decathlete.train import run as records
 from decathlete.train.batches import TrainBatches, ValidationBatches
-from decathlete.train.clock import TrainingClock, budget_spent, refit_epochs
+from decathlete.train.clock import TrainingClock, budget_spent, extended_anchor, refit_epochs
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
 from decathlete.train.progress import TrainingLog
 from decathlete.train.step import TrainStep, build_step
@@ -191,9 +191,9 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build.build_network(config, plans).to(dev, memory_format=memory_format(dev, config.spatial_dims))
     optimizer = build.build_optimizer(recipe, model)
-    state = records.TrainState()
+    state, saved_total = records.TrainState(), 0
     if options.resume:
-        state = records.restore(out, settings, model, optimizer)
+        state, saved_total = records.restore(out, settings, model, optimizer)
     elif world.is_main and (out / ckpt.LATEST).exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue or extend it")
     if world.is_main:
@@ -204,20 +204,34 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     step, input_size = build_step(recipe, config, plans, net, optimizer, dev, world.size)
     batch = local_batch_size(config.batch_size, world)
     cases = workdir / "preprocessed" / config.data_identifier
-    ignore = {"ignore_label": step.labels.ignore_label}
-    train_batches = TrainBatches(build.build_sampler(recipe, config, cases, split["train"], input_size, **ignore),
+    ranks = {"rank": world.rank, "world_size": world.size, "ignore_label": step.labels.ignore_label}
+    train_batches = TrainBatches(build.build_sampler(recipe, config, cases, split["train"], input_size, **ranks),
                                  batch, settings.seed, world.rank, state.step, settings.num_workers,
                                  dev.type == "cuda")
     val_batches = ValidationBatches(build.build_sampler(recipe, config, cases, split["val"], config.patch_size,
-                                                        **ignore), batch, settings.seed, world.rank,
+                                                        **ranks), batch, settings.seed, world.rank,
                                     settings.val_iterations)
     log = TrainingLog(out / "training_log.txt", world.is_main)
     log(f"training {settings.configuration} fold {settings.fold} on {dev} (world {world.size}): "
         f"{len(split['train'])} train / {len(split['val'])} val cases, batch {batch}/rank, patch {config.patch_size}")
-    return _Run(settings, world, dev, out, model, net, optimizer, step, train_batches, val_batches,
-                build.build_schedule(recipe), build.base_learning_rate(recipe), state,
-                TrainingClock(settings.time_budget, state.seconds), log, options.progress,
-                total_steps=settings.epochs * settings.iterations_per_epoch)
+    schedule, total = build.build_schedule(recipe), settings.epochs * settings.iterations_per_epoch
+    if options.resume and settings.time_budget is None:
+        _continue_schedule(schedule, state, saved_total, total, log)
+    return _Run(settings, world, dev, out, model, net, optimizer, step, train_batches, val_batches, schedule,
+                build.base_learning_rate(recipe), state,
+                TrainingClock(settings.time_budget, state.seconds, state.schedule_anchor), log, options.progress,
+                total_steps=total)
+
+
+def _continue_schedule(schedule: Callable[[int, int], float], state: records.TrainState, saved_total: int,
+                       total: int, log: TrainingLog) -> None:
+    """A resumed run that is now longer continues its learning rate where it was (`extended_anchor`)."""
+    anchor = extended_anchor(schedule, state.step, saved_total, total, state.schedule_anchor)
+    if anchor != state.schedule_anchor:
+        log(f"extending the run from {saved_total} to {total} steps at step {state.step}: the learning rate "
+            "continues from where it was and anneals over the added steps (no warm-up); to train at the recipe's "
+            "full rate, start a new run")
+    state.schedule_anchor = anchor
 
 
 def _loop(run: _Run) -> dict[str, Any]:
@@ -226,7 +240,7 @@ def _loop(run: _Run) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         train_loss, lr = _train_epoch(run)
         val_start = time.perf_counter()
-        val_loss, dice = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world)
+        val_loss, dice = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch)
         run.reserve_s = time.perf_counter() - val_start
         _end_epoch(run, train_loss, val_loss, dice, lr, time.perf_counter() - epoch_start)
     return _finish(run, time.perf_counter() - start)

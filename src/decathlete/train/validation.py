@@ -1,4 +1,5 @@
-"""Per-epoch validation on fixed patches: loss and nnU-Net's pseudo-Dice (tp/fp/fn summed over patches and ranks)."""
+"""Per-epoch validation on patches drawn for the epoch: loss and nnU-Net's pseudo-Dice (tp/fp/fn summed over
+patches and ranks)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from decathlete.train.step import TrainStep
 
 @torch.no_grad()
 def validate(net: torch.nn.Module, step: TrainStep, batches: ValidationBatches, dev: torch.device,
-             world: World) -> tuple[float, list[float]]:
-    """Mean validation loss and per-class (or per-region) pseudo-Dice of ``net`` (put in eval mode)."""
+             world: World, epoch: int) -> tuple[float, list[float]]:
+    """Mean validation loss and per-class (or per-region) pseudo-Dice of ``net`` (put in eval mode) on epoch
+    ``epoch``'s validation patches."""
     net.eval()
     counts, loss_sum, n = None, torch.zeros((), device=dev), 0
-    for image, label in batches.iterate(dev):
+    for image, label in batches.iterate(dev, epoch):
         loss, logits = step.evaluate(image, label)
         loss_sum += loss
         batch_counts = step.labels.pseudo_dice_counts(logits, label)
