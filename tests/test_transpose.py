@@ -172,3 +172,39 @@ def test_perfect_prediction_in_the_transposed_order_lands_on_the_reference(sagit
     assert label.shape == truth.shape
     organ = (label > 0), (truth > 0)
     assert 2 * (organ[0] & organ[1]).sum() / (organ[0].sum() + organ[1].sum()) > 0.95
+
+
+# --- real data ---------------------------------------------------------------------------------------------------
+
+OPENKBP = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task106_OpenKBP_HeadNeckCT"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not OPENKBP.is_dir(), reason="../shared/data/Task106_OpenKBP_HeadNeckCT absent")
+def test_openkbp_planned_with_its_coarse_in_plane_axis_first(tmp_path: Path) -> None:
+    """OpenKBP's CT has 2.5 mm slices and ~4-5 mm in-plane voxels: array y (the coarsest, first of the tie) moves
+    first, as nnU-Net's planner would, and a prediction still lands on the input's exact grid."""
+    meta = json.loads((OPENKBP / "dataset.json").read_text())
+    raw = tmp_path / "raw"
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    training = meta["training"][:3]
+    for entry in training:
+        for key in ("image", "label"):
+            (raw / entry[key]).symlink_to(OPENKBP / entry[key])
+    (raw / "dataset.json").write_text(json.dumps({**meta, "training": training, "test": [], "numTraining": 3}))
+    work = tmp_path / "work"
+    api.plan(raw, work, recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"])
+    plans = Plans.load(work / "plans.json")
+    assert plans.transpose_forward == [1, 0, 2]
+    spacing = plans.configuration("3d_fullres").spacing
+    assert spacing[0] == max(spacing) and spacing[1] < spacing[0]  # the 2.5 mm slices now on array axis 1
+    api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
+    api.train(work, "3d_fullres", 0, epochs=1, iterations_per_epoch=1, val_iterations=1, device="cpu",
+              num_workers=0, progress=False)
+    source = OPENKBP / training[0]["image"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / source.name).symlink_to(source)
+    predict_folder(tmp_path / "in", tmp_path / "out", work, device="cpu", progress=False, tta=False)
+    out, ref = nib.load(tmp_path / "out" / source.name), nib.load(source)
+    assert out.shape == ref.shape and np.array_equal(out.affine, ref.affine)
