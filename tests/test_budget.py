@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from decathlete import api
 from decathlete.io.checkpoint import FINAL, load_checkpoint
 from decathlete.planning import budget
-from decathlete.planning.plans import Plans
+from decathlete.planning.plans import NetworkSpec, Plans
 from decathlete.recipes.build import build_network
 from decathlete.synthetic import make_synthetic_dataset
 from decathlete.train import schedules
@@ -97,6 +98,11 @@ def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path
                                                                  t["forward_seconds"])) < 0.1
     assert t["planned_without_budget"]["base_features"] == 32
     assert any("time budget" in n for n in chosen.notes)
+    # a schedule shorter than nnU-Net's starts from PyTorch's weights, unless the recipe (hence the plan) names one
+    assert chosen.network.kwargs["init"] == "torch"
+    named = replace(config, network=NetworkSpec(config.network.name, {**config.network.kwargs, "init": "he"}))
+    kept = budget.fit_to_budget(named, plans, 600, torch.device("cpu"), timer, log=lambda _: None)
+    assert kept.network.kwargs["init"] == "he"
 
 
 def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path) -> None:
@@ -106,7 +112,8 @@ def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path) -> None:
     chosen = budget.fit_to_budget(config, plans, 6 * 3600, torch.device("cpu"), timer, log=lambda _: None)
     assert chosen.features_per_stage == config.features_per_stage and chosen.batch_size == config.batch_size
     assert chosen.parameters == config.parameters
-    assert chosen.training["iterations"] <= budget.MAX_ITERATIONS
+    assert chosen.training["iterations"] == budget.MAX_ITERATIONS
+    assert "init" not in chosen.network.kwargs  # nnU-Net's whole schedule: nnU-Net's weights
 
 
 def test_fit_with_a_hopeless_budget_says_so(workdir: Path) -> None:

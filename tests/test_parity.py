@@ -138,6 +138,18 @@ def test_weights_start_as_nnunets(block: str):
     assert (first_norm.weight == 1).all()  # other norms keep weight 1
 
 
+def test_torch_init_keeps_pytorchs_defaults():
+    torch.manual_seed(0)
+    net = DynamicUNet(2, 3, spatial_dims=3, features_per_stage=[16, 32, 64], kernel_sizes=[[3, 3, 3]] * 3,
+                      strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], block="residual", init="torch")
+    conv = max((m for m in net.modules() if isinstance(m, torch.nn.Conv3d)), key=lambda m: m.weight.numel())
+    assert conv.weight.std().item() == pytest.approx(1 / (3 * conv.weight[0].numel()) ** 0.5, rel=0.05)
+    assert all(m.conv2[1].weight.all() for m in net.modules() if isinstance(m, ResidualBlock))
+    with pytest.raises(ValueError, match="init"):
+        DynamicUNet(2, 3, spatial_dims=3, features_per_stage=[16], kernel_sizes=[[3, 3, 3]], strides=[[1, 1, 1]],
+                    init="xavier")
+
+
 def test_channels_normalised_in_the_mask_are_zero_outside_it_after_augmentation():
     config = SimpleNamespace(spatial_dims=3, patch_size=[8, 12, 12], strides=[[1, 1, 1]] * 2,
                              normalization=[{"scheme": "zscore", "use_nonzero_mask": True},
