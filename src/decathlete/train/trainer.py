@@ -149,7 +149,11 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
     try:
         run = _setup(workdir, plans, config, recipe, settings, world, dev, out, options)
         run.callbacks = list(callbacks)
-        return _loop(run)
+        summary = _loop(run)
+        # Leave together: a rank tearing the group down while another still writes can leave that one waiting on
+        # the group's store at exit (seen once on a loaded 2-core machine). Not on errors: torchrun stops the rest.
+        barrier(world)
+        return summary
     finally:
         shutdown(world)
 
