@@ -106,11 +106,12 @@ def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_i
     """
     kwargs = dict(recipe.sampler.kwargs)
     entry = registry.get("samplers", recipe.sampler.name)
-    fraction = inspect.signature(entry).parameters.get("oversample_foreground")
+    parameters = inspect.signature(entry).parameters
+    fraction = parameters.get("oversample_foreground")
     if world_size > 1 and fraction is not None:
         wanted = float(kwargs.get("oversample_foreground", fraction.default))
         kwargs["oversample_foreground"] = rank_oversample_fraction(wanted, config.batch_size, world_size, rank)
-    if ignore_label is not None and "ignore_label" in inspect.signature(entry).parameters:
+    if ignore_label is not None and "ignore_label" in parameters:
         kwargs["ignore_label"] = ignore_label
     return entry(case_dir=cases_dir, case_ids=list(case_ids), input_size=input_size, patch_size=config.patch_size,
                  spatial_dims=config.spatial_dims, slice_axis=int(config.resampling.get("slice_axis", 0)), **kwargs)

@@ -208,12 +208,12 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     step, input_size = build_step(recipe, config, plans, net, optimizer, dev, world.size)
     batch = local_batch_size(config.batch_size, world)
     cases = workdir / "preprocessed" / config.data_identifier
-    ranks = {"rank": world.rank, "world_size": world.size, "ignore_label": step.labels.ignore_label}
-    train_batches = TrainBatches(build.build_sampler(recipe, config, cases, split["train"], input_size, **ranks),
+    sampling = {"rank": world.rank, "world_size": world.size, "ignore_label": step.labels.ignore_label}
+    train_batches = TrainBatches(build.build_sampler(recipe, config, cases, split["train"], input_size, **sampling),
                                  batch, settings.seed, world.rank, state.step, settings.num_workers,
                                  dev.type == "cuda")
     val_batches = ValidationBatches(build.build_sampler(recipe, config, cases, split["val"], config.patch_size,
-                                                        **ranks), batch, settings.seed, world.rank,
+                                                        **sampling), batch, settings.seed, world.rank,
                                     settings.val_iterations)
     log = TrainingLog(out / "training_log.txt", world.is_main)
     log(f"training {settings.configuration} fold {settings.fold} on {dev} (world {world.size}): "
