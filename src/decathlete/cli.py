@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from decathlete import __version__, registry
 from decathlete.io.validation import DatasetError
@@ -217,8 +218,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pred", help="folder of predicted label maps")
     p.add_argument("ref", help="folder of reference label maps")
     p.add_argument("--labels", metavar="DATASET",
-                   help="dataset folder or dataset.json whose labels (and regions) name what is scored "
-                        "(default: every non-zero value in the references)")
+                   help="dataset folder or dataset.json whose labels (and regions) name what is scored, or a "
+                        "WORKDIR (its plans.json: the planned labels or a recipe's regions); default: every "
+                        "non-zero value in the references")
     p.add_argument("-o", "--output", metavar="FILE", help="summary.json path (default: PRED/summary.json)")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM", help="NSD tolerance in mm (default 1)")
     p.add_argument("-j", "--workers", type=_workers, default=1, help="processes over cases")
@@ -228,8 +230,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from decathlete.evaluate import evaluate_folder, ignore_label_from_dataset_json, labels_from_dataset_json
 
-    labels = labels_from_dataset_json(args.labels) if args.labels else None
-    ignore = ignore_label_from_dataset_json(args.labels) if args.labels else None  # its voxels count nowhere
+    plans = Path(args.labels or "")
+    plans = plans / "plans.json" if plans.is_dir() and not (plans / "dataset.json").is_file() else plans
+    if args.labels and plans.name == "plans.json":  # a workdir: the planned labels or regions (a recipe's regions)
+        from decathlete.labels import LabelScheme
+        from decathlete.planning.plans import Plans
+
+        scheme = LabelScheme.from_dataset(Plans.load(plans).dataset)
+        labels, ignore = scheme.evaluation_labels(), scheme.ignore_label
+    else:
+        labels = labels_from_dataset_json(args.labels) if args.labels else None
+        ignore = ignore_label_from_dataset_json(args.labels) if args.labels else None  # its voxels count nowhere
     output = args.output or os.path.join(args.pred, "summary.json")
     summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output,
                               ignore_label=ignore)

@@ -5,7 +5,8 @@ nnU-Net plans for GPU memory only; on a 2-core CPU its hippocampus plan costs ~1
 configuration until enough optimiser steps fit, and writes the chosen trade-off, the measured step time and the
 predicted training time into the configuration (``Configuration.training``).
 
-Rules, in order (the patch planned from the fingerprint is always kept, so the network still sees whole structures):
+Rules, in order (the patch planned from the fingerprint is kept, so the network still sees whole structures, unless
+the recipe allows rule 5):
 1. Width: the widest base (32, 24, 16, 12, 8 features; the caps scaled alike) whose step at batch 2 leaves at least
    ``MIN_ITERATIONS`` iterations in the budget. Wider networks learn more per step, but below a few thousand steps
    an undertrained wide network loses to a trained narrow one.
@@ -16,6 +17,9 @@ Rules, in order (the patch planned from the fingerprint is always kept, so the n
    and a convolution followed by a norm is scale-invariant, so its effective learning rate starts ~6x smaller: a
    transient that 250,000 steps absorb but a budget of a few thousand steps pays for in held-out Dice (measured:
    ``benchmarks/results/init_ablation.json``). ``--set net.init=he`` keeps nnU-Net's.
+5. Crop, only for a recipe that allows it (``planning.budget_crop``, e.g. SegResNet's batch-1 large crop): when even
+   the narrowest width leaves fewer than ``MIN_ITERATIONS``, the patch shrinks on the same topology (the axis with the
+   largest patch/median ratio first, as nnU-Net's memory rule) until they fit or the bottleneck is 4 voxels.
 Step times are measured, never assumed: the caller passes ``measure``, which times the very training step the trainer
 runs (`decathlete.train.probe.time_step`: augmentation of a random batch of the configuration's input size, forward,
 the recipe's loss, backward, clipping, optimiser step), the median of 5 after 2 warm-up steps. Larger batches are
@@ -37,7 +41,7 @@ import torch
 
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, NetworkSpec, Plans
-from decathlete.planning.rules import memory_gb
+from decathlete.planning.rules import MIN_FEATURE_MAP_SIZE, memory_gb
 from decathlete.registry import get
 
 # ``measure(config, plans, device) -> {"step_seconds", "forward_seconds"}``: one training step, one validation forward.
@@ -134,27 +138,86 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
         records.append({"base_features": base, "batch_size": batch, "parameters": result.parameters,
                         **_rounded(timing), "measured": True})
     n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
+    if n < MIN_ITERATIONS and (plans.recipe_settings or {}).get("planning", {}).get("budget_crop", False):
+        result, timing = _shrink_crop(result, plans, budget_s, device, measure, timing, records, log)
+        n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
     if n < 1:
         raise ValueError(f"a budget of {budget_s:.0f} s does not hold one training step of the narrowest network "
                          f"({timing['step_seconds']:.1f} s/step on {device_description(device)}); give more time")
     epochs = max(1, math.ceil(n / ITERATIONS_PER_EPOCH))
     per_epoch = n // epochs  # rounded down: the plan never asks for more steps than the budget holds
     training = {"budget_seconds": budget_s, "device": device_description(device), "base_features": base,
-                "batch_size": batch, "iterations": epochs * per_epoch, "epochs": epochs,
+                "batch_size": batch, "patch_size": list(result.patch_size), "iterations": epochs * per_epoch,
+                "epochs": epochs,
                 "iterations_per_epoch": per_epoch, "val_iterations": VAL_ITERATIONS, **_rounded(timing),
                 "predicted_seconds": round(predicted_seconds(epochs * per_epoch, timing["step_seconds"],
                                                              timing["forward_seconds"]), 1),
                 "planned_without_budget": {"base_features": planned_base, "batch_size": planned_batch,
-                                           "parameters": config.parameters},
+                                           "patch_size": list(config.patch_size), "parameters": config.parameters},
                 "candidates": records}
     result = _short_schedule_init(result, training["iterations"])
     if n < MIN_ITERATIONS:
         result.notes.append(f"even {base} base features leave only {n} iterations in the budget: expect an "
                             "undertrained network; give more time")
     result.notes.append(f"time budget {budget_s:.0f} s on {training['device']}: {base} base features, batch {batch},"
+                        f" patch {result.patch_size},"
                         f" {training['iterations']} iterations of {timing['step_seconds']:.3f} s, predicted "
                         f"{training['predicted_seconds']:.0f} s")
     return replace(result, training=training)
+
+
+def with_patch(config: Configuration, plans: Plans, patch: list[int]) -> Configuration:
+    """``config`` with a smaller patch on the same topology (a network sized for its patch is re-sized)."""
+    kwargs = dict(config.network.kwargs)
+    if "train_patch_size" in kwargs:
+        kwargs["train_patch_size"] = list(patch)
+    n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
+    net = get("nets", config.network.name)
+    memory = memory_gb(config.network.name, kwargs, patch, config.batch_size, n_in, n_out)
+    return replace(config, patch_size=list(patch), network=NetworkSpec(config.network.name, kwargs),
+                   parameters=int(net.parameter_count(n_in, n_out, **kwargs)), memory_estimate_gb=round(memory, 3),
+                   notes=list(config.notes))
+
+
+def smaller_patch(patch: list[int], median: list[int], divisor: list[int], floor: list[int],
+                  voxels: float) -> list[int]:
+    """``patch`` shrunk to at most ``voxels``, as the memory rule shrinks it: the axis with the largest patch/median
+    ratio loses its pooling divisor, until the target or every axis's ``floor`` is reached."""
+    patch = list(patch)
+    while math.prod(patch) > voxels:
+        ratios = [p / max(m, 1) if p - d >= f else -1.0 for p, m, d, f in zip(patch, median, divisor, floor)]
+        axis = max(range(len(patch)), key=lambda i: (ratios[i], i))
+        if ratios[axis] < 0:
+            break
+        patch[axis] -= divisor[axis]
+    return patch
+
+
+def _shrink_crop(config: Configuration, plans: Plans, budget_s: float, device: torch.device, measure: Measure,
+                 timing: dict[str, float], records: list[dict[str, Any]], log: Any) -> tuple[Configuration, dict]:
+    """Rule 5 (a recipe's ``planning.budget_crop``): shrink the patch, on the same topology, until the budget holds
+    ``MIN_ITERATIONS`` steps or the bottleneck reaches nnU-Net's smallest feature map; the step time is assumed
+    proportional to the voxels to choose each smaller patch, and each is measured."""
+    divisor = [math.prod(s[a] for s in config.strides) for a in range(config.spatial_dims)]
+    floor = [d * MIN_FEATURE_MAP_SIZE for d in divisor]
+    median = [int(m) for m in (config.median_shape or config.patch_size)]
+    per_iteration_needed = (budget_s - STARTUP_SECONDS) / MIN_ITERATIONS
+    for _ in range(4):
+        per_iteration = timing["step_seconds"] + VAL_ITERATIONS * timing["forward_seconds"] / ITERATIONS_PER_EPOCH
+        if per_iteration <= per_iteration_needed:
+            break
+        voxels = math.prod(config.patch_size) * per_iteration_needed / per_iteration
+        patch = smaller_patch(list(config.patch_size), median, divisor, floor, voxels)
+        if patch == list(config.patch_size):
+            break
+        config = with_patch(config, plans, patch)
+        timing = measure(config, plans, device)
+        n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
+        records.append({"base_features": config.features_per_stage[0], "batch_size": config.batch_size,
+                        "patch_size": patch, "parameters": config.parameters, **_rounded(timing), "iterations": n,
+                        "measured": True})
+        log(f"  probe patch {patch}: {timing['step_seconds']:.3f} s/step -> {n} steps")
+    return config, timing
 
 
 def _rounded(timing: dict[str, float]) -> dict[str, float]:

@@ -61,18 +61,18 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = 
     return target
 
 
-def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int = MIN_FEATURE_MAP_SIZE
-                        ) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int = MIN_FEATURE_MAP_SIZE,
+                        max_stages: int | None = None) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
     """Strides, kernel sizes, the patch padded to a valid size, and the divisor each axis must respect.
 
     An axis is pooled while its size stays >= 2 * ``min_size`` and its current spacing is within 2x of the finest
-    poolable axis; a lone poolable axis needs >= 3 * ``min_size``. Kernels are 3 on an axis once its spacing is
-    within 2x of the finest, 1 before that; the bottleneck kernel is always 3.
+    poolable axis; a lone poolable axis needs >= 3 * ``min_size``; at most ``max_stages`` stages. Kernels are 3 on
+    an axis once its spacing is within 2x of the finest, 1 before that; the bottleneck kernel is always 3.
     """
     dims = len(spacing)
     cur_spacing, cur_size = list(map(float, spacing)), list(map(float, patch))
     strides, kernels, kernel, n_pool = [[1] * dims], [], [1] * dims, [0] * dims
-    while True:
+    while max_stages is None or len(strides) < max_stages:
         valid = [i for i in range(dims) if cur_size[i] >= 2 * min_size]
         if not valid:
             break
@@ -136,7 +136,8 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
     if fixed_patch is not None:
         patch = [float(v) for v in fixed_patch]
     net = recipe.net.name
-    strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
+    depth = {"max_stages": p.max_stages}
+    strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, **depth)
     kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     smallest_batch = p.batch_size or p.min_batch_size
     while fixed_patch is None and memory_gb(net, kwargs, patch, smallest_batch, n_in, n_out) > budget_gb:
@@ -144,9 +145,9 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         axis = int(len(ratios) - 1 - np.argmax(ratios[::-1]))  # the last of equally large axes, as nnU-Net
         trial = list(patch)
         trial[axis] -= divisor[axis]
-        divisor = pool_and_conv_props(spacing, trial)[3]
+        divisor = pool_and_conv_props(spacing, trial, **depth)[3]
         patch[axis] -= divisor[axis]
-        strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
+        strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, **depth)
         kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
     batch = round(budget_gb / per_sample)

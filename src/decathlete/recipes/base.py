@@ -52,6 +52,10 @@ class Planning:
         gpu_memory_gb: a preset's own memory budget (wins over ``plan --gpu-memory``).
         max_dataset_covered: cap on the batch as a fraction of the dataset's voxels (nnU-Net: 0.05).
         crop_to_nonzero: crop every case to its nonzero box (nnU-Net); False plans and preprocesses whole volumes.
+        max_stages: the deepest topology: at most this many stages (``max_stages - 1`` downsamplings) however large
+            the patch; None = as deep as the patch allows (nnU-Net). SegResNet's four levels: 4.
+        budget_crop: a time budget may shrink the patch when even the narrowest network leaves too few steps
+            (`decathlete.planning.budget`); False keeps the planned patch (nnU-Net's).
     """
 
     target_spacing: tuple[float, float, float] | None = None
@@ -69,11 +73,15 @@ class Planning:
     gpu_memory_gb: float | None = None
     max_dataset_covered: float = 0.05
     crop_to_nonzero: bool = True
+    max_stages: int | None = None
+    budget_crop: bool = False
 
     def __post_init__(self) -> None:
         if self.slice_axis_spacing_2d not in ("keep", "target", "in_plane"):
             raise RecipeError(f"planning.slice_axis_spacing_2d must be keep, target or in_plane, "
                               f"got '{self.slice_axis_spacing_2d}'")
+        if self.max_stages is not None and self.max_stages < 2:
+            raise RecipeError(f"planning.max_stages must be at least 2 (one downsampling), got {self.max_stages}")
         for name in ("batch_size", "min_batch_size", "base_features"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -86,13 +94,17 @@ class Regions:
 
     Attributes:
         regions: region name -> the labels it unites, in output order, e.g. BraTS (MSD labels 1 edema,
-            2 non-enhancing, 3 enhancing): whole tumour (1, 2, 3), tumour core (2, 3), enhancing tumour (3,). A label
-            is its value or its name in dataset.json (case-insensitive), so one recipe fits several numberings.
-        class_order: per region, the label painted where it is predicted; later regions paint over earlier ones.
+            2 non-enhancing, 3 enhancing): whole tumour (1, 2, 3), tumour core (2, 3), enhancing tumour (3,). A member
+            is a label value, a label name of dataset.json (case-insensitive), a shell-style pattern over the
+            foreground label names (``"*"``, ``"enhancing*"``), or one of those after ``"!"`` to leave its labels out
+            (tumour core ``("*", "!*edema*")``), so one recipe fits several numberings.
+        class_order: per region, the label painted where it is predicted (a value, name or pattern matching exactly
+            one label); later regions paint over earlier ones. None: each region paints the lowest label it holds
+            that no later region holds (BraTS: edema, then the core's first label, then enhancing).
     """
 
     regions: dict[str, tuple[int | str, ...]]
-    class_order: tuple[int | str, ...]
+    class_order: tuple[int | str, ...] | None = None
 
 
 def _augment_fields() -> list[tuple[str, Any, Any]]:

@@ -6,6 +6,7 @@ Training, the budget probe, prediction and planning all build here, so each comp
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 from collections.abc import Callable, Sequence
@@ -152,24 +153,54 @@ def build_normalization(recipe: Recipe, fingerprint: dict[str, Any],
     return specs
 
 
-def _label_value(label: int | str, dataset: dict[str, Any], recipe: str) -> int:
-    """A region member as a label value: values stay, names are looked up in the dataset's labels."""
-    if isinstance(label, int):
-        return label
-    names = {str(k).strip().lower(): v for k, v in dataset.get("labels", {}).items() if isinstance(v, int)}
-    if label.strip().lower() not in names:
-        raise RecipeError(f"recipe '{recipe}' regions name the label '{label}', which {dataset.get('name')} does not "
-                          f"have (its labels: {', '.join(names)}); use its name or value, or --set regions=...")
-    return int(names[label.strip().lower()])
+def _label_values(member: int | str, dataset: dict[str, Any], recipe: str) -> list[int]:
+    """The label values a region member names: a value; a label name of dataset.json (case-insensitive); or a
+    shell-style pattern over the foreground label names (``"*"`` every one, ``"enhancing*"``, ``"*edema*"``)."""
+    if isinstance(member, int):
+        return [member]
+    labels = {str(k).strip().lower(): v for k, v in dataset.get("labels", {}).items()
+              if isinstance(v, int) and v != 0 and str(k).strip().lower() != "ignore"}
+    key = member.strip().lower()
+    found = [labels[key]] if key in labels else [v for k, v in labels.items() if fnmatch.fnmatchcase(k, key)]
+    if not found:
+        raise RecipeError(f"recipe '{recipe}' regions name the label '{member}', which matches no label of "
+                          f"{dataset.get('name')} (its labels: {', '.join(labels) or 'none'}); use its name, a "
+                          f"pattern or a value, or set the regions explicitly: --set 'regions={{\"regions\": "
+                          f"{{\"NAME\": [VALUES]}}, \"class_order\": [VALUES]}}'")
+    return sorted(int(v) for v in found)
+
+
+def resolve_region(members: Sequence[int | str], dataset: dict[str, Any], recipe: str) -> list[int]:
+    """A region's label values: the union of its members minus those of ``"!"``-prefixed members (``["*",
+    "!*edema*"]``: every foreground label but edema)."""
+    wanted, excluded = set(), set()
+    for member in members:
+        if isinstance(member, str) and member.startswith("!"):
+            excluded.update(_label_values(member[1:], dataset, recipe))
+        else:
+            wanted.update(_label_values(member, dataset, recipe))
+    return sorted(wanted - excluded)
+
+
+def _painted_label(member: int | str, dataset: dict[str, Any], recipe: str) -> int:
+    values = _label_values(member, dataset, recipe)
+    if len(values) != 1:
+        raise RecipeError(f"recipe '{recipe}' paints '{member}', which matches the labels {values} of "
+                          f"{dataset.get('name')}: a class_order entry must name exactly one label")
+    return values[0]
 
 
 def with_recipe_regions(dataset: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     """The dataset summary with the recipe's regions (they win over a dataset.json's), checked against its labels."""
     if recipe.regions is None:
         return dataset
-    regions = {name: [_label_value(v, dataset, recipe.name) for v in values]
-               for name, values in recipe.regions.regions.items()}
-    order = [_label_value(v, dataset, recipe.name) for v in recipe.regions.class_order]
+    regions = {name: resolve_region(values, dataset, recipe.name) for name, values in recipe.regions.regions.items()}
+    if recipe.regions.class_order is None:
+        later = [set().union(*list(regions.values())[i + 1:]) for i in range(len(regions))]
+        order = [min(set(values) - after, default=min(values, default=0)) for values, after in
+                 zip(regions.values(), later)]
+    else:
+        order = [_painted_label(v, dataset, recipe.name) for v in recipe.regions.class_order]
     problems = check_regions(regions, order, dataset["label_values"])
     if problems:
         raise RecipeError(f"recipe '{recipe.name}' regions do not fit {dataset.get('name')}: {'; '.join(problems)}")
