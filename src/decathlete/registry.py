@@ -22,19 +22,19 @@ _PLUGINS: list[str] = []
 
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
-    "recipes": ("decathlete.recipes.default",),
-    "nets": ("decathlete.nets.unet",),
+    "recipes": ("decathlete.recipes.default", "decathlete.recipes.myronenko2018"),
+    "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet"),
     "convs": ("decathlete.nets.layers",),
     "norms": ("decathlete.nets.layers",),
     "activations": ("decathlete.nets.layers",),
     "losses": ("decathlete.losses.dice", "decathlete.losses.ce", "decathlete.losses.compound",
-               "decathlete.losses.deep_supervision"),
+               "decathlete.losses.deep_supervision", "decathlete.losses.vae"),
     "optimizers": ("decathlete.train.optimizers",),
     "schedules": ("decathlete.train.schedules",),
     "planners": ("decathlete.planning.rules",),
     "normalizers": ("decathlete.preprocess.normalization",),
-    "augmentations": ("decathlete.augment.presets",),
-    "transforms": ("decathlete.augment.presets",),
+    "augmentations": ("decathlete.augment.presets", "decathlete.augment.extra"),
+    "transforms": ("decathlete.augment.extra",),
     "samplers": ("decathlete.data.sampling",),
     "tile_weights": ("decathlete.infer.tile_weights",),
 }
