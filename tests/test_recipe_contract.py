@@ -177,7 +177,7 @@ def test_regions_may_name_labels_of_the_dataset(data: tuple[Path, Path], tmp_pat
                                   '"class_order": ["organ", "lesion"]}'])
     assert by_name.dataset["regions"] == {"all": [1, 2], "lesion": [2]}
     assert by_name.dataset["regions_class_order"] == [1, 2]
-    with pytest.raises(RecipeError, match="name the label 'liver'.*its labels: background, organ, lesion"):
+    with pytest.raises(RecipeError, match="name the label 'liver'.*its labels: organ, lesion"):
         api.plan(raw, tmp_path / "b", recipe="tiny", workers=1, progress=False,
                  overrides=['regions={"regions": {"x": ["liver"]}, "class_order": ["liver"]}'])
 

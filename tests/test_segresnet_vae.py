@@ -15,6 +15,7 @@ import torch
 from decathlete import api
 from decathlete.augment.extra import mirror_only, shift_scale
 from decathlete.cli import main as cli
+from decathlete.data.sampling import PatchSampler
 from decathlete.labels import LabelScheme
 from decathlete.losses.base import LossContext, TrainingBatch
 from decathlete.losses.vae import DiceVAELoss, SquaredDiceLoss, kl_divergence
@@ -172,6 +173,19 @@ def test_recipe_is_the_papers() -> None:
     assert r.augment.name == "mirror_only" and [s.name for s in r.augment.extra] == ["shift_scale"]
     config = mirror_only(None)  # type: ignore[arg-type]
     assert config.p_mirror == 0.5 and config.p_rotation == config.p_noise == config.p_gamma == 0.0
+
+
+def test_crops_are_forced_onto_tumour_at_batch_one() -> None:
+    """nnU-Net's positional rule forces no crop of a batch of 1 (round(1 * 0.67) = 1); the recipe draws per crop."""
+    kwargs = recipe().sampler.kwargs
+    sampler = PatchSampler.__new__(PatchSampler)
+    sampler.oversample_foreground = kwargs["oversample_foreground"]
+    sampler.probabilistic_oversampling = kwargs["probabilistic_oversampling"]
+    rng = np.random.default_rng(0)
+    forced = np.mean([sampler.force_foreground(0, 1, rng) for _ in range(3000)])
+    assert abs(forced - 0.33) < 0.03
+    sampler.probabilistic_oversampling = False
+    assert not any(sampler.force_foreground(0, 1, rng) for _ in range(100))
 
 
 def test_shift_scale_is_an_affine_map_per_channel_inside_the_image() -> None:

@@ -26,8 +26,11 @@ Where the paper is ambiguous or does not fit the framework, resolved here:
   has the paper's 85,500 steps; our sampler draws cases at random instead of once each per epoch. The decay is
   applied per step, the continuous form of the paper's per-epoch formula.
 * **Weight decay** is Adam's L2 term on every parameter (the paper names the convolution kernels only).
-* **Sampling**: the paper's crop holds most of the brain, so where it falls hardly matters; for the budget's smaller
-  crops we keep nnU-Net's sampler with a third of the crops centred on tumour.
+* **Sampling**: the paper's crop holds most of the brain, so every crop holds tumour and background. For the budget's
+  smaller crops each crop is centred on tumour with nnU-Net's probability 1/3, drawn per crop
+  (``probabilistic_oversampling``): nnU-Net's positional rule forces the last ``round(B * 0.33)`` crops of a batch,
+  which is none at batch 1, and the Dice-only loss learns little from crops without tumour (see
+  ``benchmarks/results/segresnet_vae_task101.json``, arms ``segresnet_vae*``).
 * **Intensity shift/scale** is applied inside the brain only, so the background stays 0 as at inference (the
   paper's TensorFlow code shifted whole channels of images whose background is 0 too).
 * **Ensembles**: ``predict`` averages the probabilities of every trained fold (the paper averaged 10 models trained
@@ -60,6 +63,6 @@ def segresnet_vae() -> Recipe:
                           normalization=(Spec("zscore", {"use_nonzero_mask": True}),), budget_crop=True),
         regions=BRATS_REGIONS,
         augment=Augmentation(name="mirror_only", extra=(Spec("shift_scale", {"shift": 0.1, "scale": [0.9, 1.1]}),)),
-        sampler=Spec("patch", {"oversample_foreground": 0.33}),
+        sampler=Spec("patch", {"oversample_foreground": 0.33, "probabilistic_oversampling": True}),
         inference=Inference(tta=True),
     )
