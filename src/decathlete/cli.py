@@ -230,17 +230,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from decathlete.evaluate import evaluate_folder, ignore_label_from_dataset_json, labels_from_dataset_json
 
-    plans = Path(args.labels or "")
-    plans = plans / "plans.json" if plans.is_dir() and not (plans / "dataset.json").is_file() else plans
-    if args.labels and plans.name == "plans.json":  # a workdir: the planned labels or regions (a recipe's regions)
+    labels, ignore = None, None  # ignore: the label whose voxels count nowhere
+    if args.labels and (Path(args.labels) / "plans.json").is_file():  # a workdir: its labels or a recipe's regions
         from decathlete.labels import LabelScheme
         from decathlete.planning.plans import Plans
 
-        scheme = LabelScheme.from_dataset(Plans.load(plans).dataset)
+        scheme = LabelScheme.from_dataset(Plans.load(Path(args.labels) / "plans.json").dataset)
         labels, ignore = scheme.evaluation_labels(), scheme.ignore_label
-    else:
-        labels = labels_from_dataset_json(args.labels) if args.labels else None
-        ignore = ignore_label_from_dataset_json(args.labels) if args.labels else None  # its voxels count nowhere
+    elif args.labels:
+        labels, ignore = labels_from_dataset_json(args.labels), ignore_label_from_dataset_json(args.labels)
     output = args.output or os.path.join(args.pred, "summary.json")
     summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output,
                               ignore_label=ignore)

@@ -3,11 +3,13 @@ scale (a batch transform, registry kind ``transforms``) and its mirror-only pres
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from decathlete.augment.pipeline import AugmentConfig
+from decathlete.augment.presets import no_augmentation
 from decathlete.registry import register_augmentation, register_transform
 
 if TYPE_CHECKING:
@@ -41,5 +43,4 @@ def shift_scale(image: torch.Tensor, label: torch.Tensor, generator: torch.Gener
 @register_augmentation("mirror_only")
 def mirror_only(configuration: Configuration) -> AugmentConfig:
     """A random flip of every axis with probability 0.5, nothing else (Myronenko 2018)."""
-    names = [f for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_") and not f.endswith("_per_channel")]
-    return AugmentConfig(**{**{name: 0.0 for name in names}, "p_mirror": 0.5})
+    return replace(no_augmentation(configuration), p_mirror=0.5)

@@ -65,8 +65,10 @@ def batch_norm(channels: int, spatial_dims: int, **kwargs: Any) -> nn.Module:
 
 @register_layer("norms", "group")
 def group_norm(channels: int, spatial_dims: int, groups: int = 8, **kwargs: Any) -> nn.Module:
-    """GroupNorm with ``groups`` groups (fewer when there are fewer channels)."""
-    return nn.GroupNorm(min(groups, channels), channels, **kwargs)
+    """GroupNorm with ``groups`` groups, or the largest count below it that divides ``channels`` (a budget-narrowed
+    12-feature stage gets 6)."""
+    n = next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(n, channels, **kwargs)
 
 
 @register_layer("norms", "none")

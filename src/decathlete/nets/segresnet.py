@@ -23,7 +23,7 @@ exactly. Upsampling goes to the grid of the level it joins, so sizes that are no
 
 Topology comes from the plan like the U-Net's (strides and kernels per level, features per level), so anisotropic
 data keeps the planner's per-axis choices; a recipe asks for the paper's four levels with ``planning.max_stages``.
-GroupNorm uses 8 groups, or the largest divisor of the channel count below 8 (a budget-narrowed 12-feature level).
+GroupNorm uses 8 groups, or the largest divisor of the channel count below 8 (`decathlete.nets.layers.group_norm`).
 """
 
 from __future__ import annotations
@@ -36,24 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decathlete.nets import layers
 from decathlete.nets.base import NetOutput, SegmentationNet
-from decathlete.nets.layers import conv_class
 from decathlete.registry import register_net
 
 VAE_CHANNELS = 16  # the paper's "Conv (16) stride 2" before the dense layer
 
 
-def group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
-    """GroupNorm with ``groups`` groups, or the largest count below it that divides ``channels``."""
-    n = next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
-    return nn.GroupNorm(n, channels)
+def group_norm(channels: int) -> nn.GroupNorm:
+    return layers.group_norm(channels, 0, groups=8)
 
 
 def _conv(dims: int, c_in: int, c_out: int, kernel: Sequence[int] | int = 3, stride: Sequence[int] | int = 1,
           bias: bool = False) -> nn.Module:
     kernel = [kernel] * dims if isinstance(kernel, int) else list(kernel)
     stride = [stride] * dims if isinstance(stride, int) else list(stride)
-    return conv_class(dims)(c_in, c_out, tuple(kernel), tuple(stride), tuple(k // 2 for k in kernel), bias=bias)
+    return layers.standard_conv(dims, c_in, c_out, kernel, stride, bias=bias)
 
 
 class PreActBlock(nn.Module):

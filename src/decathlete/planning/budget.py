@@ -83,19 +83,38 @@ def with_width(config: Configuration, plans: Plans, base: int, batch: int) -> Co
     kwargs = dict(config.network.kwargs)
     old = list(kwargs["features_per_stage"])
     scale = base / old[0]
-    features = [max(1, int(round(f * scale))) for f in old]
-    kwargs["features_per_stage"] = features
+    kwargs["features_per_stage"] = [max(1, int(round(f * scale))) for f in old]
+    return _redescribed(config, plans, kwargs, config.patch_size, batch)
+
+
+def with_patch(config: Configuration, plans: Plans, patch: list[int]) -> Configuration:
+    """``config`` with a smaller patch on the same topology (a network sized for its patch is re-sized)."""
+    kwargs = dict(config.network.kwargs)
+    if "train_patch_size" in kwargs:
+        kwargs["train_patch_size"] = list(patch)
+    return _redescribed(config, plans, kwargs, list(patch), config.batch_size)
+
+
+def _redescribed(config: Configuration, plans: Plans, kwargs: dict[str, Any], patch: list[int],
+                 batch: int) -> Configuration:
+    """``config`` with new network kwargs, patch and batch, its parameter count and memory estimate redone."""
+    name = config.network.name
     n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
-    params = get("nets", config.network.name).parameter_count(n_in, n_out, **kwargs)
-    memory = memory_gb(config.network.name, kwargs, config.patch_size, batch, n_in, n_out)
-    return replace(config, features_per_stage=features, network=NetworkSpec(config.network.name, kwargs),
-                   batch_size=batch, parameters=int(params), memory_estimate_gb=round(memory, 3),
-                   notes=list(config.notes))
+    params = get("nets", name).parameter_count(n_in, n_out, **kwargs)
+    memory = memory_gb(name, kwargs, patch, batch, n_in, n_out)
+    return replace(config, features_per_stage=list(kwargs["features_per_stage"]), patch_size=list(patch),
+                   network=NetworkSpec(name, kwargs), batch_size=batch, parameters=int(params),
+                   memory_estimate_gb=round(memory, 3), notes=list(config.notes))
+
+
+def seconds_per_iteration(step_s: float, forward_s: float) -> float:
+    """One optimiser step plus its share of the validation forwards (50 per epoch of 250 steps)."""
+    return step_s + VAL_ITERATIONS * forward_s / ITERATIONS_PER_EPOCH
 
 
 def iterations_in(budget_s: float, step_s: float, forward_s: float) -> int:
     """Optimiser steps that fit: ``n * step + (n / 250) * 50 * forward + startup <= budget``."""
-    per_iteration = step_s + VAL_ITERATIONS * forward_s / ITERATIONS_PER_EPOCH
+    per_iteration = seconds_per_iteration(step_s, forward_s)
     return max(0, min(MAX_ITERATIONS, int((budget_s - STARTUP_SECONDS) / per_iteration)))
 
 
@@ -148,8 +167,8 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     per_epoch = n // epochs  # rounded down: the plan never asks for more steps than the budget holds
     training = {"budget_seconds": budget_s, "device": device_description(device), "base_features": base,
                 "batch_size": batch, "patch_size": list(result.patch_size), "iterations": epochs * per_epoch,
-                "epochs": epochs,
-                "iterations_per_epoch": per_epoch, "val_iterations": VAL_ITERATIONS, **_rounded(timing),
+                "epochs": epochs, "iterations_per_epoch": per_epoch, "val_iterations": VAL_ITERATIONS,
+                **_rounded(timing),
                 "predicted_seconds": round(predicted_seconds(epochs * per_epoch, timing["step_seconds"],
                                                              timing["forward_seconds"]), 1),
                 "planned_without_budget": {"base_features": planned_base, "batch_size": planned_batch,
@@ -164,19 +183,6 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
                         f" {training['iterations']} iterations of {timing['step_seconds']:.3f} s, predicted "
                         f"{training['predicted_seconds']:.0f} s")
     return replace(result, training=training)
-
-
-def with_patch(config: Configuration, plans: Plans, patch: list[int]) -> Configuration:
-    """``config`` with a smaller patch on the same topology (a network sized for its patch is re-sized)."""
-    kwargs = dict(config.network.kwargs)
-    if "train_patch_size" in kwargs:
-        kwargs["train_patch_size"] = list(patch)
-    n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
-    net = get("nets", config.network.name)
-    memory = memory_gb(config.network.name, kwargs, patch, config.batch_size, n_in, n_out)
-    return replace(config, patch_size=list(patch), network=NetworkSpec(config.network.name, kwargs),
-                   parameters=int(net.parameter_count(n_in, n_out, **kwargs)), memory_estimate_gb=round(memory, 3),
-                   notes=list(config.notes))
 
 
 def smaller_patch(patch: list[int], median: list[int], divisor: list[int], floor: list[int],
@@ -203,7 +209,7 @@ def _shrink_crop(config: Configuration, plans: Plans, budget_s: float, device: t
     median = [int(m) for m in (config.median_shape or config.patch_size)]
     per_iteration_needed = (budget_s - STARTUP_SECONDS) / MIN_ITERATIONS
     for _ in range(4):
-        per_iteration = timing["step_seconds"] + VAL_ITERATIONS * timing["forward_seconds"] / ITERATIONS_PER_EPOCH
+        per_iteration = seconds_per_iteration(timing["step_seconds"], timing["forward_seconds"])
         if per_iteration <= per_iteration_needed:
             break
         voxels = math.prod(config.patch_size) * per_iteration_needed / per_iteration
