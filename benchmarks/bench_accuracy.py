@@ -86,11 +86,12 @@ def _scores(pred: Path, labels: Path, data: Path, tag: str) -> dict[str, Any]:
     return {"dice": round(summary["foreground_mean"]["dice"], 4), "per_class": per_class}
 
 
-def _ours(ws: Workspace, work: Path, minutes: float, images: Path, labels: Path, device: str) -> dict[str, Any]:
+def _ours(ws: Workspace, work: Path, minutes: float, images: Path, labels: Path, device: str,
+          recipe: str = "default") -> dict[str, Any]:
     try:
         budget, workers = f"{minutes * 60:g}s", ws.workers
         run_checked([str(OUR_CLI), "plan", str(ws.data), "-o", str(work), "-j", workers, "--time-budget", budget,
-                     "--device", device, "-c", CONFIGURATION])
+                     "--device", device, "-c", CONFIGURATION, "--recipe", recipe])
         run_checked([str(OUR_CLI), "preprocess", str(work), "-c", CONFIGURATION, "-j", workers])
         (work / "splits.json").write_text(json.dumps(ws.splits))
         t0 = time.perf_counter()
@@ -110,6 +111,7 @@ def _ours(ws: Workspace, work: Path, minutes: float, images: Path, labels: Path,
                 "train_loop_seconds": round(done["seconds"], 1), "predicted_seconds": training["predicted_seconds"],
                 "steps": done["steps"], "planned_iterations": training["iterations"],
                 "stopped_by_time_budget": done["stopped_by_time_budget"], "step_seconds": training["step_seconds"],
+                "iterations_per_second": round(done["steps"] / max(done["seconds"], 1e-9), 3),
                 "parameters": config["parameters"], "features_per_stage": config["features_per_stage"],
                 "batch_size": config["batch_size"], "patch_size": config["patch_size"],
                 "predict_seconds_per_case": round(predict_seconds / len(list(images.iterdir())), 3),

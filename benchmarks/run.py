@@ -26,13 +26,14 @@ import bench_augment  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
+import bench_recipes  # noqa: E402
 import bench_train  # noqa: E402
 from _workspace import Workspace  # noqa: E402
 from common import REPO, check_device, git_commit, machine, now  # noqa: E402
 
 BENCHMARKS = {"preprocess": bench_preprocess.run, "augment": bench_augment.run, "train_step": bench_train.run,
               "predict": bench_predict.run, "accuracy_at_budget": bench_accuracy.run,
-              "memory_large_volume": bench_memory.run}
+              "memory_large_volume": bench_memory.run, "recipes_at_budget": bench_recipes.run}
 
 
 def fmt(value: float | None) -> str:
@@ -78,7 +79,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where training and prediction run")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results, or benchmarks/results/gpu with cuda")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="MIN",
-                        help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 0.5)")
+                        help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 0.5); "
+                        "recipes_at_budget: the first of them (default 5; --quick: 0.5)")
     args = parser.parse_args()
     try:
         args.device = check_device(args.device)

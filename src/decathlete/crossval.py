@@ -64,6 +64,10 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
     summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json",
                              ignore_label=ignore)
     spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
+    if not predictor.recipe.inference.postprocessing:
+        spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
+                "rule": "the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
+                        "reported, none is applied"}
     spec["folds"] = [int(d.name.split("_")[1]) for d in fold_dirs]
     save_postprocessing(spec, root)
     result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],

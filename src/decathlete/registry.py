@@ -22,20 +22,21 @@ _PLUGINS: list[str] = []
 
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
-    "recipes": ("decathlete.recipes.default", "decathlete.recipes.myronenko2018"),
-    "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet"),
+    "recipes": ("decathlete.recipes.default", "decathlete.recipes.myronenko2018", "decathlete.recipes.rippel2018",
+                "decathlete.recipes.avetisian"),
+    "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet", "decathlete.nets.factorized"),
     "convs": ("decathlete.nets.layers",),
     "norms": ("decathlete.nets.layers",),
     "activations": ("decathlete.nets.layers",),
     "losses": ("decathlete.losses.dice", "decathlete.losses.ce", "decathlete.losses.compound",
-               "decathlete.losses.deep_supervision", "decathlete.losses.vae"),
+               "decathlete.losses.deep_supervision", "decathlete.losses.vae", "decathlete.losses.overlap"),
     "optimizers": ("decathlete.train.optimizers",),
     "schedules": ("decathlete.train.schedules",),
-    "planners": ("decathlete.planning.rules",),
+    "planners": ("decathlete.planning.rules", "decathlete.planning.rippel2018"),
     "normalizers": ("decathlete.preprocess.normalization",),
     "augmentations": ("decathlete.augment.presets", "decathlete.augment.extra"),
     "transforms": ("decathlete.augment.extra",),
-    "samplers": ("decathlete.data.sampling",),
+    "samplers": ("decathlete.data.sampling", "decathlete.data.reflect_sampling"),
     "tile_weights": ("decathlete.infer.tile_weights",),
 }
 

@@ -1,5 +1,6 @@
 """Augmentation of the papers' recipes that nnU-Net's pipeline lacks: Myronenko 2018's per-channel intensity shift and
-scale (a batch transform, registry kind ``transforms``) and its mirror-only preset (kind ``augmentations``)."""
+scale (a batch transform, registry kind ``transforms``) and its mirror-only preset, and Rippel 2018's preset with an
+elastic field isotropic in millimetres (kind ``augmentations``)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ def shift_scale(image: torch.Tensor, label: torch.Tensor, generator: torch.Gener
 def mirror_only(configuration: Configuration) -> AugmentConfig:
     """A random flip of every axis with probability 0.5, nothing else (Myronenko 2018)."""
     return replace(no_augmentation(configuration), p_mirror=0.5)
+
+
+@register_augmentation("rippel2018")
+def rippel2018(configuration: Configuration) -> AugmentConfig:
+    """Rippel 2018: Gaussian noise, rotation, scaling and elastic deformation, nothing else, with the elastic field
+    scaled inversely by the configuration's spacing (the median spacing under the ``rippel2018`` planner), so it is
+    isotropic in millimetres. The paper sets its batchgenerators parameters "globally for all tasks" without giving
+    them: nnU-Net's probabilities and ranges for noise, rotation (+-30 degrees) and scaling, and elastic deformation
+    with probability 0.2 and the pipeline's default ranges."""
+    spacing = list(configuration.spacing)
+    if configuration.spatial_dims == 2:
+        axis = int(configuration.resampling.get("slice_axis", 0))
+        spacing = [s for a, s in enumerate(spacing) if a != axis]
+    nnunet = AugmentConfig()
+    return replace(no_augmentation(configuration), p_noise=nnunet.p_noise, p_rotation=nnunet.p_rotation,
+                   p_scaling=nnunet.p_scaling, p_elastic=0.2, elastic_spacing=tuple(float(v) for v in spacing))

@@ -53,6 +53,9 @@ class AugmentConfig:
             get smaller; (0.7, 1.4) makes objects 0.71-1.43 times their size.
         p_elastic, elastic_scale, elastic_magnitude: elastic deformation (off in nnU-Net v2); smoothness sigma and
             largest displacement, both as fractions of the patch size (displacement of the half patch).
+        elastic_spacing: voxel spacing (mm, per patch axis) that makes the elastic field isotropic in millimetres
+            (Rippel 2018): sigma and displacement become fractions of the patch's shortest physical extent, in voxels
+            ``extent / spacing`` per axis; None = fractions of each axis's own patch size (nnU-Net).
         dummy_2d: rotate/scale/deform only in (y, x) and leave z untouched (nnU-Net's do_dummy_2D_aug for
             anisotropic 3D data); simulated low resolution then also leaves z alone.
         label_pad_value: label of voxels resampled from outside the input.
@@ -76,6 +79,7 @@ class AugmentConfig:
     p_elastic: float = 0.0
     elastic_scale: tuple[float, float] = (0.0, 0.2)
     elastic_magnitude: tuple[float, float] = (0.0, 0.2)
+    elastic_spacing: tuple[float, ...] | None = None
     dummy_2d: bool = False
     label_pad_value: int = -1
     p_noise: float = 0.1
@@ -196,6 +200,7 @@ def augment(
         generator, image.shape[0], patch_size, p_rotation=config.p_rotation, rotation_deg=config.rotation_deg,
         rotation_axes=config.rotation_axes, p_scaling=config.p_scaling, scale_range=config.scale_range,
         p_elastic=config.p_elastic, elastic_scale=config.elastic_scale, elastic_magnitude=config.elastic_magnitude,
+        elastic_spacing=config.elastic_spacing,
         p_mirror=config.p_mirror, mirror_axes=config.mirror_axes, dummy_2d=config.dummy_2d,
     )  # fmt: skip
     image, label = apply_spatial(image, label, patch_size, draw, label_pad_value=config.label_pad_value)

@@ -136,17 +136,24 @@ def elastic_field(
     patch_size: Sequence[int],
     scale_range: tuple[float, float],
     magnitude_range: tuple[float, float],
+    spacing: Sequence[float] | None = None,
 ) -> Tensor:
     """Coarse smooth random displacement fields (n, D, *coarse) in voxels, component order (z, y, x).
 
     Gaussian noise on a coarse grid (one control point every ``ELASTIC_STEP`` voxels, ``coarse = ceil(P / STEP)``) is
-    smoothed with a per-axis sigma of ``scale * patch_size`` voxels and normalised so its largest displacement is
-    ``magnitude * patch_size / 2`` voxels per component (nnU-Net's meaning of both ranges). Upsampled linearly to the
-    patch (align_corners) it stays within that bound. nnU-Net smooths a full-resolution field with an FFT per sample;
-    the coarse field is far cheaper and smooth by construction.
+    smoothed with a per-axis sigma of ``scale * L`` voxels and normalised so its largest displacement is
+    ``magnitude * L / 2`` voxels per component, where ``L`` is the patch size (nnU-Net's meaning of both ranges) or,
+    with ``spacing``, the patch's shortest physical extent in voxels of each axis (``min(P * spacing) / spacing``):
+    the same field in millimetres along every axis, and never larger than the patch-relative one, so the sampling
+    margin of `required_input_size` still holds. Upsampled linearly to the patch (align_corners) it stays within
+    that bound. nnU-Net smooths a full-resolution field with an FFT per sample; the coarse field is far cheaper and
+    smooth by construction.
     """
     dims = len(patch_size)
     patch = torch.tensor(patch_size, dtype=torch.float32)
+    if spacing is not None:
+        mm = torch.tensor([float(v) for v in spacing][-dims:], dtype=torch.float32)
+        patch = (patch * mm).min() / mm
     coarse = _coarse_shape(patch_size)
     noise = torch.randn((n * dims, *coarse), generator=generator)
     sigma = uniform(generator, (n, dims), *scale_range) * patch / ELASTIC_STEP
@@ -169,6 +176,7 @@ def draw_spatial(
     p_elastic: float = 0.0,
     elastic_scale: tuple[float, float] = (0.0, 0.2),
     elastic_magnitude: tuple[float, float] = (0.0, 0.2),
+    elastic_spacing: Sequence[float] | None = None,
     p_mirror: float = 0.0,
     mirror_axes: Sequence[int] | None = None,
     dummy_2d: bool = False,
@@ -195,7 +203,8 @@ def draw_spatial(
     if bool(do_elastic.any()):
         plane = tuple(patch_size[-dims:])
         elastic = torch.zeros((batch, dims, *_coarse_shape(plane)))
-        elastic[do_elastic] = elastic_field(generator, int(do_elastic.sum()), plane, elastic_scale, elastic_magnitude)
+        elastic[do_elastic] = elastic_field(generator, int(do_elastic.sum()), plane, elastic_scale, elastic_magnitude,
+                                            elastic_spacing)
     matrices = rotation_matrices(angles, dims) * scales[:, None, None]
     return SpatialDraw(matrices, do_rot | do_scale | do_elastic, flips, elastic)
 

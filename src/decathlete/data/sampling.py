@@ -77,7 +77,9 @@ def crop_with_padding(
 
 
 @dataclass
-class _OpenCase:
+class OpenCase:
+    """A case open for sampling: lazy image and label arrays, foreground locations, shape."""
+
     data: Any  # (C, z, y, x) lazy array
     seg: Any  # (z, y, x) lazy array
     locations: dict[int, np.ndarray]  # label -> (N, 3) int32 (z, y, x)
@@ -180,14 +182,14 @@ class PatchSampler:
             if (weights < 0).any() or weights.sum() <= 0:
                 raise ValueError(f"case_weights must be non-negative and not all 0, got {case_weights}")
             self.case_probabilities = weights / weights.sum()
-        self._open: OrderedDict[str, _OpenCase] = OrderedDict()
+        self._open: OrderedDict[str, OpenCase] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         # blosc2 handles cannot be pickled, and a forked copy must not share them: reopen lazily.
         return {**self.__dict__, "_open": OrderedDict(), "_pid": None}
 
-    def _case(self, case_id: str) -> _OpenCase:
+    def _case(self, case_id: str) -> OpenCase:
         if self._pid != os.getpid():  # forked (or unpickled) into another process
             self._open, self._pid = OrderedDict(), os.getpid()
         case = self._open.get(case_id)
@@ -197,7 +199,7 @@ class PatchSampler:
         data, seg, _, locations = cache.open_case(self.case_dir, case_id, mmap=True)
         if seg is None:
             raise ValueError(f"case {case_id!r} in {self.case_dir} has no labels; training cases need them")
-        case = _OpenCase(data, seg, locations, tuple(int(n) for n in seg.shape))
+        case = OpenCase(data, seg, locations, tuple(int(n) for n in seg.shape))
         self._open[case_id] = case
         if len(self._open) > self.max_open_cases:
             self._open.popitem(last=False)
@@ -238,7 +240,7 @@ class PatchSampler:
         return [c for c in wanted if c in locations and len(locations[c]) > 0 and c != self.ignore_label]
 
     def _window(
-        self, case: _OpenCase, forced: bool, rng: np.random.Generator
+        self, case: OpenCase, forced: bool, rng: np.random.Generator
     ) -> tuple[list[int], int | None, int | None]:
         """Window start in the (z, y, x) volume (size 1 on the slice axis in 2D), drawn class, drawn slice."""
         classes = self._eligible(case.locations) if forced else []
@@ -263,6 +265,13 @@ class PatchSampler:
             start = self._centred(voxel, lbs, ubs)
         start.insert(axis, index)
         return start, cls, index
+
+    def read_window(self, case: OpenCase, start: Sequence[int], size: Sequence[int], image_out: np.ndarray,
+                    label_out: np.ndarray) -> None:
+        """Read the window ``start``/``size`` (z, y, x) of a case into the batch (no per-sample temporaries): the image
+        reads 0 and the label -1 outside the volume. A subclass pads otherwise (``reflect_patch``)."""
+        crop_with_padding(case.data, start, size, 0.0, out=image_out)
+        crop_with_padding(case.seg, start, size, -1, out=label_out)
 
     def sample_batch(
         self, batch_size: int, rng: np.random.Generator
@@ -299,9 +308,7 @@ class PatchSampler:
             if self.spatial_dims == 2:  # views with the singleton slice axis the 3D read produces
                 img_out = np.expand_dims(img_out, 1 + self.slice_axis)
                 seg_out = np.expand_dims(seg_out, self.slice_axis)
-            # Written straight into the batch: no per-sample temporaries.
-            crop_with_padding(case.data, start, size3, 0.0, out=img_out)
-            crop_with_padding(case.seg, start, size3, -1, out=seg_out)
+            self.read_window(case, start, size3, img_out, seg_out)
             meta.append({"case_id": case_id, "start": start, "forced": forced, "class": cls, "slice": index})
         if image is None:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -10,9 +10,11 @@ the recipe allows rule 5):
 1. Width: the widest base (32, 24, 16, 12, 8 features; the caps scaled alike) whose step at batch 2 leaves at least
    ``MIN_ITERATIONS`` iterations in the budget. Wider networks learn more per step, but below a few thousand steps
    an undertrained wide network loses to a trained narrow one.
-2. Batch: grown from 2 towards the planned batch while the iterations stay at or above ``MIN_ITERATIONS``.
-3. Iterations: what the budget holds, capped at nnU-Net's 250,000, so a large budget on a GPU gives nnU-Net's plan.
-4. Initial weights: a schedule shorter than nnU-Net's starts from PyTorch's default weights (``init="torch"``) where
+2. Batch: grown from 2 towards the planned batch while the iterations stay at or above ``MIN_ITERATIONS``; a batch
+   the recipe fixes (``planning.batch_size``: Rippel's 4, SegResNet's 1) is kept throughout.
+3. Iterations: what the budget holds, capped at the recipe's schedule (``epochs x iterations_per_epoch``: nnU-Net's
+   250,000 for ``default``), so a large budget on a GPU gives the recipe's own plan.
+4. Initial weights: a schedule shorter than the recipe's starts from PyTorch's default weights (``init="torch"``) where
    the network takes an ``init`` and the recipe does not name one. nnU-Net's Kaiming-normal weights are ~2.4x larger,
    and a convolution followed by a norm is scale-invariant, so its effective learning rate starts ~6x smaller: a
    transient that 250,000 steps absorb but a budget of a few thousand steps pays for in held-out Dice (measured:
@@ -129,7 +131,8 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     step times taken by ``measure``."""
     planned_base, planned_batch = config.features_per_stage[0], config.batch_size
     widths = sorted({w for w in BASE_WIDTHS if w <= planned_base} | {planned_base})
-    start_batch = min(2, planned_batch)
+    fixed_batch = (plans.recipe_settings or {}).get("planning", {}).get("batch_size") is not None
+    start_batch = planned_batch if fixed_batch else min(2, planned_batch)
     records: list[dict[str, Any]] = []
     chosen: tuple[int, dict[str, float]] | None = None
     for base in widths:  # narrowest first: stop measuring once a width is too slow
@@ -163,6 +166,7 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     if n < 1:
         raise ValueError(f"a budget of {budget_s:.0f} s does not hold one training step of the narrowest network "
                          f"({timing['step_seconds']:.1f} s/step on {device_description(device)}); give more time")
+    n = min(n, recipe_iterations(plans))
     epochs = max(1, math.ceil(n / ITERATIONS_PER_EPOCH))
     per_epoch = n // epochs  # rounded down: the plan never asks for more steps than the budget holds
     training = {"budget_seconds": budget_s, "device": device_description(device), "base_features": base,
@@ -174,7 +178,7 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
                 "planned_without_budget": {"base_features": planned_base, "batch_size": planned_batch,
                                            "patch_size": list(config.patch_size), "parameters": config.parameters},
                 "candidates": records}
-    result = _short_schedule_init(result, training["iterations"])
+    result = _short_schedule_init(result, training["iterations"], recipe_iterations(plans))
     if n < MIN_ITERATIONS:
         result.notes.append(f"even {base} base features leave only {n} iterations in the budget: expect an "
                             "undertrained network; give more time")
@@ -230,12 +234,21 @@ def _rounded(timing: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in timing.items()}
 
 
-def _short_schedule_init(config: Configuration, iterations: int) -> Configuration:
-    """PyTorch's initial weights for a schedule shorter than nnU-Net's (rule 4), unless the plan names an init."""
+def recipe_iterations(plans: Plans) -> int:
+    """The optimiser steps of the recipe's own schedule (nnU-Net's 250,000 for plans that do not record it)."""
+    recipe = plans.recipe_settings or {}
+    if "epochs" not in recipe:
+        return MAX_ITERATIONS
+    return min(MAX_ITERATIONS, int(recipe["epochs"]) * int(recipe.get("iterations_per_epoch", ITERATIONS_PER_EPOCH)))
+
+
+def _short_schedule_init(config: Configuration, iterations: int, full: int) -> Configuration:
+    """PyTorch's initial weights for a schedule shorter than the recipe's ``full`` one (rule 4), unless the plan
+    names an init."""
     network = config.network
     takes_init = "init" in inspect.signature(get("nets", network.name)).parameters
-    if iterations >= MAX_ITERATIONS or not takes_init or "init" in network.kwargs:
+    if iterations >= full or not takes_init or "init" in network.kwargs:
         return config
-    notes = [*config.notes, f"{iterations} iterations, fewer than nnU-Net's {MAX_ITERATIONS}: PyTorch's initial "
+    notes = [*config.notes, f"{iterations} iterations, fewer than the recipe's {full}: PyTorch's initial "
                             "weights, which learn faster at the start (--set net.init=he for nnU-Net's)"]
     return replace(config, network=NetworkSpec(network.name, {**network.kwargs, "init": "torch"}), notes=notes)

@@ -62,23 +62,33 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = 
 
 
 def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int = MIN_FEATURE_MAP_SIZE,
-                        max_stages: int | None = None) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+                        max_stages: int | None = None, *, by_spacing: bool = True, lone_axis_factor: int = 3,
+                        max_pools_per_axis: int | None = None, unpooled_kernel: int | None = None,
+                        ) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
     """Strides, kernel sizes, the patch padded to a valid size, and the divisor each axis must respect.
 
-    An axis is pooled while its size stays >= 2 * ``min_size`` and its current spacing is within 2x of the finest
-    poolable axis; a lone poolable axis needs >= 3 * ``min_size``; at most ``max_stages`` stages. Kernels are 3 on
-    an axis once its spacing is within 2x of the finest, 1 before that; the bottleneck kernel is always 3.
+    nnU-Net's rule (the defaults): an axis is pooled while its size stays >= 2 * ``min_size`` and its current spacing
+    is within 2x of the finest poolable axis; a lone poolable axis needs >= ``lone_axis_factor`` * ``min_size``; at
+    most ``max_stages`` stages. Kernels are 3 on an axis once its spacing is within 2x of the finest, 1 before that;
+    the bottleneck kernel is always 3.
+
+    The keywords turn the same loop into other published rules: ``by_spacing=False`` pools by voxel counts alone
+    (every axis counts as equally fine, kernels start at 3), ``max_pools_per_axis`` stops an axis after that many
+    poolings, and ``unpooled_kernel`` gives an axis that is not pooled into a stage that kernel there (Rippel 2018:
+    1, "strides as well as kernel size set to 1"), the bottleneck included.
     """
     dims = len(spacing)
-    cur_spacing, cur_size = list(map(float, spacing)), list(map(float, patch))
+    cur_spacing = list(map(float, spacing)) if by_spacing else [1.0] * dims
+    cur_size = list(map(float, patch))
     strides, kernels, kernel, n_pool = [[1] * dims], [], [1] * dims, [0] * dims
     while max_stages is None or len(strides) < max_stages:
-        valid = [i for i in range(dims) if cur_size[i] >= 2 * min_size]
+        valid = [i for i in range(dims) if cur_size[i] >= 2 * min_size
+                 and (max_pools_per_axis is None or n_pool[i] < max_pools_per_axis)]
         if not valid:
             break
         finest = min(cur_spacing[i] for i in valid)
         valid = [i for i in valid if cur_spacing[i] / finest < 2]
-        if len(valid) == 1 and cur_size[valid[0]] < 3 * min_size:
+        if len(valid) == 1 and cur_size[valid[0]] < lone_axis_factor * min_size:
             break
         for d in range(dims):
             if kernel[d] != 3 and cur_spacing[d] / min(cur_spacing) < 2:
@@ -88,12 +98,19 @@ def pool_and_conv_props(spacing: list[float], patch: list[float], min_size: int 
             stride[v], n_pool[v] = 2, n_pool[v] + 1
             cur_spacing[v] *= 2
             cur_size[v] = np.ceil(cur_size[v] / 2)
+        kernels.append(_stage_kernel(kernel, strides[-1], len(strides) - 1, unpooled_kernel))
         strides.append(stride)
-        kernels.append(list(kernel))
-    kernels.append([3] * dims)
+    kernels.append(_stage_kernel([3] * dims, strides[-1], len(strides) - 1, unpooled_kernel))
     divisor = [2**n for n in n_pool]
     padded = [int(np.ceil(p / d) * d) for p, d in zip(patch, divisor)]
     return strides, kernels, padded, divisor
+
+
+def _stage_kernel(kernel: list[int], stride: list[int], stage: int, unpooled_kernel: int | None) -> list[int]:
+    """The kernel of one stage: ``unpooled_kernel`` on the axes its (first) stride leaves alone, past stage 0."""
+    if unpooled_kernel is None or stage == 0:
+        return list(kernel)
+    return [k if s > 1 else unpooled_kernel for k, s in zip(kernel, stride)]
 
 
 def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels: list[list[int]],
@@ -121,22 +138,25 @@ def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: in
 
 
 def plan_configuration(spacing: list[float], median_shape: list[float], n_in: int, n_out: int, recipe: Recipe,
-                       budget_gb: float, dataset_voxels: float, **extra: Any) -> Configuration:
+                       budget_gb: float, dataset_voxels: float, *, patch: list[int] | None = None,
+                       topology: dict[str, Any] | None = None, **extra: Any) -> Configuration:
     """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order).
 
     The recipe may fix the patch (``planning.patch_size_3d``/``_2d``: padded up to what the pooling needs, never
-    shrunk) and the batch (``planning.batch_size``); the memory rule decides whatever it leaves open.
+    shrunk) and the batch (``planning.batch_size``); the memory rule decides whatever it leaves open. Another
+    planner may fix the ``patch`` itself (the recipe's still wins) and choose the topology rule: ``topology`` holds
+    keywords of `pool_and_conv_props`.
     """
     dims = len(spacing)
     p = recipe.planning
-    fixed_patch = p.patch_size_3d if dims == 3 else p.patch_size_2d
+    fixed_patch = (p.patch_size_3d if dims == 3 else p.patch_size_2d) or patch
     inv = 1.0 / np.asarray(spacing, dtype=float)
     start = 256**3 if dims == 3 else 2048**2
     patch = np.minimum(np.round(inv * (start / np.prod(inv)) ** (1 / dims)), median_shape).tolist()
     if fixed_patch is not None:
         patch = [float(v) for v in fixed_patch]
     net = recipe.net.name
-    depth = {"max_stages": p.max_stages}
+    depth = {"max_stages": p.max_stages, **(topology or {})}
     strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, **depth)
     kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     smallest_batch = p.batch_size or p.min_batch_size

@@ -134,6 +134,8 @@ class Inference:
         tta: mirroring test-time augmentation on by default.
         max_tile: tiles as large as the image (rounded up to what the network's pooling needs), up to this size per
             patch axis, never smaller than the training patch (Rippel 2018: [128, 512, 512]); None = the patch.
+        postprocessing: ``crossval`` may choose nnU-Net's largest-component postprocessing where it helps; False
+            applies none (Rippel 2018), the candidates are still reported.
     """
 
     tile_weighting: Spec = Spec("gaussian", {"sigma_scale": 0.125})
@@ -141,6 +143,7 @@ class Inference:
     mirror_axes: tuple[int, ...] | None = None
     tta: bool = True
     max_tile: tuple[int, ...] | None = None
+    postprocessing: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1:
