@@ -292,8 +292,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               "spacings below are in that order")
     for name, c in plans.configurations.items():
         print(f"{name:11s} spacing {_fmt(c.spacing)}  patch {_fmt(c.patch_size)}  batch {c.batch_size}  "
-              f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.1f} GiB  "
-              f"{c.parameters / 1e6:.1f} M params")
+              f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.2g} GiB  "
+              f"{c.parameters / 1e6:.2g} M params")
         if c.training:
             t = c.training
             print(f"{'':11s} budget {t['budget_seconds']:.0f} s: {t['iterations']} iterations x {t['step_seconds']} s"
