@@ -32,7 +32,7 @@ from decathlete.planning.plans import Plans
 from decathlete.planning.rules import (
     ANISOTROPY_THRESHOLD,
     REFERENCE_GB,
-    _median_shape_at,
+    median_shape_at,
     plan_configuration,
     summarise,
     transpose_axes,
@@ -70,7 +70,7 @@ def plan_rippel2018(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe
     median_spacing = np.median(spacings, axis=0)
     forward, backward = transpose_axes(median_spacing)
     spacing = median_spacing[forward] if p.target_spacing is None else np.array(p.target_spacing, dtype=float)
-    median_shape = _median_shape_at(fingerprint, spacing, p.crop_to_nonzero, forward)
+    median_shape = median_shape_at(fingerprint, spacing, p.crop_to_nonzero, forward)
     depths = axis_depths(median_shape)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs

@@ -190,7 +190,7 @@ def transpose_axes(spacing: np.ndarray | list[float]) -> tuple[list[int], list[i
     return forward, inverse_permutation(forward)
 
 
-def _median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: bool = True,
+def median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: bool = True,
                      order: list[int] | None = None) -> np.ndarray:
     """Median case shape after resampling to ``spacing``, both in the planned axis ``order`` (default: as stored)."""
     key = "shape_after_crop" if cropped else "shape"
@@ -212,7 +212,7 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     forward, backward = transpose_axes(rule_spacing)
     # Planned in the transposed order from here on; a recipe's override is already in that order.
     full_spacing = rule_spacing[forward] if p.target_spacing is None else np.array(p.target_spacing, dtype=float)
-    median_shape = _median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero, forward)
+    median_shape = median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero, forward)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]

@@ -14,6 +14,9 @@ Where the paper is ambiguous, resolved here:
   and kernels are nnU-Net's planner's (``planning.max_stages = 4``), so an anisotropic axis is pooled later and gets
   kernel 1 in its two planes; the network pads any input to its divisor and crops the output back, so inference runs
   on whole images of any size, as the paper's TensorFlow graph did.
+* **IoU over the foreground**: the paper's formula, one ratio pooled over every foreground class and voxel, so a
+  large class can carry the ratio while a smaller one dies (seen on the hippocampus under a short CPU budget:
+  ``benchmarks/results/paper_recipe_ablations_task04.json``); ``--set loss.reduction=mean`` averages one IoU per class.
 * **Dropout**: the paper puts a dropout after every convolution and reports one keep probability (0.85), which is used
   for both those and the dropout before the output layer (``net.dropout``, ``net.head_dropout``).
 * **L2**: Adam's coupled L2 term (``weight_decay`` 3e-4, the gradient of TensorFlow's ``3e-4 * l2_loss(w)``) on every

@@ -16,7 +16,8 @@ Where the paper is ambiguous, resolved here:
   which is exactly the imbalance the paper chose the loss to resist; leaving the background out makes it one Dice
   pooled over the foreground classes. The sums run over the whole batch (NiftyNet's implementation of Sudre's loss,
   which flattens the batch), so a patch without foreground does not push its sample's predictions to zero alone.
-  ``--set loss.include_background=true`` gives the other reading.
+  ``--set loss.include_background=true`` gives the other reading (compared in
+  ``benchmarks/results/paper_recipe_ablations_task04.json``).
 * **Residual U-Net**: one residual block (two 3x3x3 convolutions, the projection shortcut of nnU-Net's ResEnc) per
   encoder stage, two plain convolutions per decoder stage, leaky ReLU 0.01 (the paper names instance norm after
   Isensee 2017, whose network this activation comes from), strided convolutions down and transposed convolutions up
