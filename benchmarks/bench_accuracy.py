@@ -51,13 +51,8 @@ def run(args: Any) -> list[Record]:
         return [Record(_name(m), "Dice", None, None, _reference(args.device), "higher", note=f"{ws.source} is absent")
                 for m in budgets]
     tmp = ws.root / "accuracy"
-    shutil.rmtree(tmp, ignore_errors=True)
     val = ws.splits[0]["val"]
-    images, labels = tmp / "val_images", tmp / "val_labels"
-    for folder, sub in ((images, "imagesTr"), (labels, "labelsTr")):
-        folder.mkdir(parents=True)
-        for cid in val:
-            (folder / f"{cid}.nii.gz").symlink_to(ws.data / sub / f"{cid}.nii.gz")
+    images, labels = held_out_folders(ws, tmp)
     ours = {m: _ours(ws, tmp / f"decathlete_{m:g}", m, images, labels, args.device) for m in budgets}
     ref_problem = ws.nnunet_problem
     theirs: dict[float, dict[str, Any]] = {}
@@ -76,6 +71,17 @@ def run(args: Any) -> list[Record]:
         records.append(Record(_name(m), "Dice", o.get("dice"), t.get("dice"), _reference(args.device), "higher",
                               {"decathlete": o, "reference": t, "validation_cases": val}, note, repeats=1))
     return records
+
+
+def held_out_folders(ws: Workspace, tmp: Path) -> tuple[Path, Path]:
+    """``tmp`` (emptied) with links to fold 0's held-out images and labels: ``(images, labels)``."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    images, labels = tmp / "val_images", tmp / "val_labels"
+    for folder, sub in ((images, "imagesTr"), (labels, "labelsTr")):
+        folder.mkdir(parents=True)
+        for cid in ws.splits[0]["val"]:
+            (folder / f"{cid}.nii.gz").symlink_to(ws.data / sub / f"{cid}.nii.gz")
+    return images, labels
 
 
 def _scores(pred: Path, labels: Path, data: Path, tag: str) -> dict[str, Any]:

@@ -11,10 +11,9 @@ in the details. The recipes run one after another with nothing else on the machi
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
-from bench_accuracy import _ours
+from bench_accuracy import _ours, held_out_folders
 from common import Record
 
 RECIPES = ("rippel2018", "factorized_iou")
@@ -40,13 +39,8 @@ def run(args: Any) -> list[Record]:
         return [Record(_name(r, minutes), "Dice", None, None, "decathlete default recipe", "higher",
                        note=f"{ws.source} is absent") for r in RECIPES]
     tmp = ws.root / "recipes"
-    shutil.rmtree(tmp, ignore_errors=True)
     val = ws.splits[0]["val"]
-    images, labels = tmp / "val_images", tmp / "val_labels"
-    for folder, sub in ((images, "imagesTr"), (labels, "labelsTr")):
-        folder.mkdir(parents=True)
-        for cid in val:
-            (folder / f"{cid}.nii.gz").symlink_to(ws.data / sub / f"{cid}.nii.gz")
+    images, labels = held_out_folders(ws, tmp)
     runs = {r: _ours(ws, tmp / r, minutes, images, labels, args.device, recipe=r) for r in ("default", *RECIPES)}
     base = runs["default"]
     records = []

@@ -61,13 +61,14 @@ class _OverlapLoss(nn.Module):
     """Shared target handling: per-sample, per-channel ``(I, P, R)`` of the channels that count."""
 
     def __init__(self, region_based: bool, ignore_index: int | None, ddp: bool, smooth: float,
-                 include_background: bool) -> None:
+                 include_background: bool, batch: bool) -> None:
         super().__init__()
         self.region_based = region_based
         self.ignore_index = ignore_index
         self.ddp = ddp
         self.smooth = smooth
         self.include_background = include_background
+        self.batch = batch
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss (a scalar tensor, 0 when perfect) for logits ``(B, C, *spatial)`` and a target (module docstring)."""
@@ -76,7 +77,8 @@ class _OverlapLoss(nn.Module):
                              f"got {tuple(target.shape)}")
         # autocast off: the sums must stay in float32 at least (`probabilities`)
         with torch.autocast(logits.device.type, enabled=False):
-            return self._reduce(*self._stats(logits, target))
+            stats = self._stats(logits, target)
+            return self._reduce(*(self._batch_sums(*stats) if self.batch else stats))
 
     def _stats(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probs = probabilities(logits, "sigmoid" if self.region_based else "softmax")
@@ -98,6 +100,7 @@ class _OverlapLoss(nn.Module):
         return sum_over_ranks(*sums) if self.ddp else sums
 
     def _reduce(self, tp: torch.Tensor, volume_pred: torch.Tensor, volume_ref: torch.Tensor) -> torch.Tensor:
+        """The loss from ``(B, C)`` statistics, or ``(C,)`` ones already summed over the batch."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 
@@ -119,15 +122,12 @@ class IoULoss(_OverlapLoss):
     def __init__(self, region_based: bool = False, ignore_index: int | None = None, ddp: bool = False,
                  smooth: float = 1e-5, include_background: bool = False, reduction: str = "pooled",
                  batch: bool = True) -> None:
-        super().__init__(region_based, ignore_index, ddp, smooth, include_background)
+        super().__init__(region_based, ignore_index, ddp, smooth, include_background, batch)
         if reduction not in IOU_REDUCTIONS:
             raise ValueError(f"reduction must be one of {IOU_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
-        self.batch = batch
 
     def _reduce(self, tp: torch.Tensor, volume_pred: torch.Tensor, volume_ref: torch.Tensor) -> torch.Tensor:
-        if self.batch:
-            tp, volume_pred, volume_ref = self._batch_sums(tp, volume_pred, volume_ref)
         if self.reduction == "pooled":
             tp, volume_pred, volume_ref = tp.sum(-1), volume_pred.sum(-1), volume_ref.sum(-1)
         union = volume_pred + volume_ref - tp
@@ -172,15 +172,12 @@ class GeneralizedDiceLoss(_OverlapLoss):
     def __init__(self, region_based: bool = False, ignore_index: int | None = None, ddp: bool = False,
                  smooth: float = 1e-5, include_background: bool = False, weight: str = "uniform",
                  batch: bool = False) -> None:
-        super().__init__(region_based, ignore_index, ddp, smooth, include_background)
+        super().__init__(region_based, ignore_index, ddp, smooth, include_background, batch)
         if weight not in GDL_WEIGHTS:
             raise ValueError(f"weight must be one of {GDL_WEIGHTS}, got {weight!r}")
         self.weight = weight
-        self.batch = batch
 
     def _reduce(self, tp: torch.Tensor, volume_pred: torch.Tensor, volume_ref: torch.Tensor) -> torch.Tensor:
-        if self.batch:
-            tp, volume_pred, volume_ref = self._batch_sums(tp, volume_pred, volume_ref)
         w = generalized_dice_weights(volume_ref, self.weight)
         numerator = 2 * (w * tp).sum(-1) + self.smooth
         denominator = (w * (volume_pred + volume_ref)).sum(-1) + self.smooth
