@@ -16,7 +16,7 @@ import torch
 from decathlete.augment import spatial
 from decathlete.augment.extra import rippel2018 as rippel_preset
 from decathlete.cli import main as cli
-from decathlete.data.reflect_sampling import ReflectPatchSampler, read_reflected, reflected_indices
+from decathlete.data.border_sampling import ReflectPatchSampler, read_reflected, reflected_indices
 from decathlete.losses.overlap import GeneralizedDiceLoss
 from decathlete.planning import budget
 from decathlete.planning.plans import Plans

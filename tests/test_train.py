@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,8 +55,12 @@ def test_training_learns_the_organ(workdir: Path, tmp_path: Path) -> None:
     assert organ > 0.7, state["history"]
     assert state["history"]["train_loss"][-1] < state["history"]["train_loss"][0]
     for name in ("checkpoint_best.pth", FINAL, LATEST, "progress.png", "training_log.txt", "plans.json",
-                 "recipe.json", "run.json"):
+                 "recipe.json", "run.json", "confusion_matrix.png"):
         assert (folder / name).is_file(), name
+    confusion = np.asarray(state["history"]["confusion"][-1])  # rows reference, columns predicted
+    tp, fp, fn = confusion[1, 1], confusion[:, 1].sum() - confusion[1, 1], confusion[1].sum() - confusion[1, 1]
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(organ, abs=1e-6)  # the same validation voxels as the Dice
+    assert "validation confusion" in (folder / "training_log.txt").read_text()
     run = json.loads((folder / "run.json").read_text())
     assert run["settings"]["seed"] == 0 and run["versions"]["torch"] == torch.__version__
     assert json.loads((folder / "recipe.json").read_text())["epochs"] == 3

@@ -75,6 +75,38 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_preprocess)
 
 
+def _add_patches(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("patches", help="pre-extract a fold's training and validation patches into HDF5 files",
+                       description="Draw N training patches (training crop size, the fold's training cases) and N "
+                                   "validation patches (patch size, its validation cases) with the recipe's sampler "
+                                   "into WORKDIR/patches/<data_identifier>/fold_<k>/{train,val}.h5 (the "
+                                   "configuration's preprocessed folder name, e.g. 3d_fullres; van den Hork 2019); "
+                                   "train on them with `decathlete train WORKDIR --set sampler=patch_set`. An "
+                                   "interrupted run resumes; finished files are skipped.")
+    p.add_argument("workdir", help="work folder written by `decathlete plan` and `decathlete preprocess`")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
+    p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
+    p.add_argument("--train", type=int, required=True, metavar="N", help="training patches (>= 1)")
+    p.add_argument("--val", type=int, required=True, metavar="N", help="validation patches (>= 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.set_defaults(func=_cmd_patches)
+
+
+def _cmd_patches(args: argparse.Namespace) -> int:
+    from decathlete.data.patchset import write_patch_set
+    from decathlete.data.splits import fold_count
+
+    folds = range(fold_count(args.workdir)) if args.fold == "all" else [int(args.fold)]
+    for fold in folds:
+        summary = write_patch_set(args.workdir, args.configuration, fold, args.train, args.val, seed=args.seed)
+        for kind in ("train", "val"):
+            s = summary[kind]
+            print(f"fold {fold} {kind:5s} {s['n']} patches from {s['cases_drawn']}/{s['n_cases']} cases, "
+                  f"{100 * s['forced_fraction']:.0f}% forced foreground, {s['bytes'] / 1e6:.1f} MB, "
+                  f"{s['seconds']:.1f} s ({s['status']}): {s['path']}")
+    return 0
+
+
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="show registered recipes, networks, layers, losses, planners, samplers ...",
                        description="Show what is registered, including components of plugins loaded with --plugin.")
@@ -330,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="PKG",
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for add in (_add_validate, _add_plan, _add_preprocess, _add_train, _add_predict, _add_crossval, _add_evaluate,
-                _add_demo, _add_list):
+    for add in (_add_validate, _add_plan, _add_preprocess, _add_patches, _add_train, _add_predict, _add_crossval,
+                _add_evaluate, _add_demo, _add_list):
         add(sub)
     return parser
 

@@ -123,6 +123,17 @@ class LabelScheme:
         fn = (~pred & target).sum(dims)
         return torch.stack([tp, fp, fn]).float()
 
+    @torch.no_grad()
+    def confusion_counts(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor | None:
+        """``(K, K)`` voxel counts, rows the reference class, columns the predicted one (argmax), over the counted
+        voxels (as `pseudo_dice_counts`); None for sigmoid regions, which overlap and have no single class."""
+        if self.regions:
+            return None
+        valid = (label >= 0) if self.ignore_label is None else (label >= 0) & (label != self.ignore_label)
+        k = logits.shape[1]
+        pairs = label.long().clamp(0, k - 1) * k + logits.argmax(1, keepdim=True)
+        return torch.bincount(pairs[valid], minlength=k * k).view(k, k).float()
+
     def activate_(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities from logits ``(K, ...)`` in place: softmax over axis 0, or a sigmoid per region."""
         if self.region_based:

@@ -23,8 +23,9 @@ _PLUGINS: list[str] = []
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
     "recipes": ("decathlete.recipes.default", "decathlete.recipes.myronenko2018", "decathlete.recipes.rippel2018",
-                "decathlete.recipes.avetisian"),
-    "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet", "decathlete.nets.factorized"),
+                "decathlete.recipes.avetisian", "decathlete.recipes.vandenhork2019"),
+    "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet", "decathlete.nets.factorized",
+             "decathlete.nets.isensee2017"),
     "convs": ("decathlete.nets.layers",),
     "norms": ("decathlete.nets.layers",),
     "activations": ("decathlete.nets.layers",),
@@ -36,7 +37,7 @@ _BUILTIN_MODULES = {
     "normalizers": ("decathlete.preprocess.normalization",),
     "augmentations": ("decathlete.augment.presets", "decathlete.augment.extra"),
     "transforms": ("decathlete.augment.extra",),
-    "samplers": ("decathlete.data.sampling", "decathlete.data.reflect_sampling"),
+    "samplers": ("decathlete.data.sampling", "decathlete.data.border_sampling", "decathlete.data.patchset"),
     "tile_weights": ("decathlete.infer.tile_weights",),
 }
 

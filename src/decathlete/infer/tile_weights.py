@@ -14,7 +14,7 @@ import torch
 from decathlete.infer.sliding_window import gaussian_importance
 from decathlete.registry import register_tile_weights
 
-BORDER_WEIGHT = 1e-3  # ``center``: outside the centre a tile still counts a little, so image borders get a value
+BORDER_WEIGHT = 1e-6  # ``center``: outside the centre a tile still counts a little, so image borders get a value
 
 
 @register_tile_weights("gaussian")
@@ -31,8 +31,10 @@ def constant(patch_size: Sequence[int]) -> torch.Tensor:
 
 @register_tile_weights("center")
 def center(patch_size: Sequence[int], fraction: float = 0.5) -> torch.Tensor:
-    """Centre stitching: the central ``fraction`` of the tile along each axis counts fully, the rest
-    ``BORDER_WEIGHT``, so where a tile's centre covers a voxel the others' borders barely matter."""
+    """Centre stitching (van den Hork 2019): the central ``fraction`` of the tile along each axis counts fully, the
+    rest ``BORDER_WEIGHT``, so a voxel inside a tile's centre takes that tile's output (to ~1e-6 of the others'), and
+    the image's rim, which no centre covers, the mean of the tiles that reach it. With ``fraction`` = the step (0.5)
+    the centres of interior tiles tile the image."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     weights = torch.full(tuple(int(p) for p in patch_size), BORDER_WEIGHT)

@@ -82,13 +82,35 @@ class LossContext:
     class_voxels: dict[int, int] = field(default_factory=dict)
     distributed: bool = False
 
+    def class_weights(self, rule: str) -> list[float]:
+        """One weight per softmax output from the training data's label frequencies (``class_voxels``), for a loss's
+        ``weight`` given by name: ``inverse_frequency`` = background voxels / class voxels (background 1; a class 50
+        times rarer, 50). A class absent from the training data gets the largest weight of the others.
+
+        Raises:
+            ValueError: an unknown rule, sigmoid regions (no classes to weigh), or plans without label frequencies.
+        """
+        if rule != "inverse_frequency":
+            raise ValueError(f"a loss weight given by name must be 'inverse_frequency' (or a list), got {rule!r}")
+        if self.labels.region_based:
+            raise ValueError("class weights need softmax classes; this run trains sigmoid regions")
+        counts = [self.class_voxels.get(int(v), 0) for v in self.labels.output_values]
+        if not self.class_voxels or counts[0] <= 0:
+            raise ValueError("the plans record no label frequencies (class_voxels): plan the dataset again, or give "
+                             "the weights as a list, e.g. --set 'loss.weight=[1, 10, 50]'")
+        weights = [counts[0] / c if c > 0 else 0.0 for c in counts]
+        return [w if w > 0 else max(weights) for w in weights]
+
     def logits_loss(self, name: str, kwargs: dict[str, Any] | None = None) -> LogitsLoss:
-        """The registered logits loss ``name`` for this run, deep-supervised.
+        """The registered logits loss ``name`` for this run, deep-supervised. A ``weight`` given by name (``inverse_
+        frequency``) becomes `class_weights`.
 
         For region-based (sigmoid) outputs, ``dice_ce`` becomes nnU-Net's ``dice_bce`` with the kwargs that apply.
         With an ignore label, a loss that takes ``ignore_index`` leaves the ignored voxels out.
         """
         kwargs = dict(kwargs or {})
+        if kwargs.get("weight") == "inverse_frequency":  # other named weights are the loss's own (GDL's "uniform")
+            kwargs["weight"] = self.class_weights(kwargs["weight"])
         if self.labels.region_based and name == "dice_ce":
             name, kwargs = "dice_bce", {k: v for k, v in kwargs.items() if k in ("weight_ce", "weight_dice", "smooth")}
         if name in ("dice_ce", "dice_bce"):

@@ -1,4 +1,5 @@
-"""``progress.png``: training and validation loss, pseudo-Dice (raw and EMA) and learning rate per epoch."""
+"""``progress.png``: training and validation loss, pseudo-Dice (raw and EMA) and learning rate per epoch;
+``confusion_matrix.png``: the last validation's confusion matrix."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from decathlete.io.atomic import write_atomic  # noqa: E402
@@ -32,6 +34,27 @@ def plot_progress(history: dict[str, list[float]], path: str | Path) -> None:
     ax_lr.plot(epochs, history["lr"], color="black")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("epoch")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[int]], path: str | Path, epoch: int) -> None:
+    """The validation confusion matrix as a figure, each row normalised to the reference class's voxels (the counts
+    written in the cells), atomically."""
+    counts = np.asarray(matrix, dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(counts)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * k, 1.0 + 0.8 * k))
+    ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, f"{share[i, j]:.2f}\n{int(n)}", ha="center", va="center", fontsize=7,
+                color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("reference class")
+    ax.set_title(f"validation, epoch {epoch}")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

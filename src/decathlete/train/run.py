@@ -21,7 +21,7 @@ from decathlete.io import checkpoint as ckpt
 from decathlete.io.atomic import is_temporary_of, write_json_atomic
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.base import RECIPE_FILE, Recipe
-from decathlete.train.progress import plot_progress
+from decathlete.train.progress import plot_confusion, plot_progress
 
 
 @dataclass
@@ -98,6 +98,8 @@ def save_epoch(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     if state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs or final:
         save(out / ckpt.LATEST, model, optimizer, state, settings)
     plot_progress(state.history, out / "progress.png")
+    if state.history.get("confusion"):
+        plot_confusion(state.history["confusion"][-1], out / "confusion_matrix.png", state.epoch - 1)
 
 
 def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:

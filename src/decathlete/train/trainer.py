@@ -33,6 +33,7 @@ from decathlete.train.clock import TrainingClock, budget_spent, extended_anchor,
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
 from decathlete.train.progress import TrainingLog
 from decathlete.train.step import TrainStep, build_step
+from decathlete.train.validation import Validation
 from decathlete.train.validation import validate as validate_epoch
 
 EMA_DECAY = 0.9  # nnU-Net's pseudo-Dice smoothing
@@ -89,6 +90,7 @@ class EpochReport:
     lr: float
     seconds: float
     folder: Path
+    confusion: list[list[int]] | None = None  # validation voxels, rows reference, columns predicted (not regions)
 
 
 # A callback returning True stops training after this epoch (with the final checkpoint written, as for a budget).
@@ -244,9 +246,9 @@ def _loop(run: _Run) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         train_loss, lr = _train_epoch(run)
         val_start = time.perf_counter()
-        val_loss, dice = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch)
+        result = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch)
         run.reserve_s = time.perf_counter() - val_start
-        _end_epoch(run, train_loss, val_loss, dice, lr, time.perf_counter() - epoch_start)
+        _end_epoch(run, train_loss, result, lr, time.perf_counter() - epoch_start)
     return _finish(run, time.perf_counter() - start)
 
 
@@ -270,15 +272,18 @@ def _train_epoch(run: _Run) -> tuple[float, float]:
     return float(mean.item() / run.world.size), lr
 
 
-def _end_epoch(run: _Run, train_loss: float, val_loss: float, dice: list[float], lr: float, seconds: float) -> None:
+def _end_epoch(run: _Run, train_loss: float, result: Validation, lr: float, seconds: float) -> None:
     """Record the epoch, refit a budgeted run, log, checkpoint, and ask the callbacks whether to go on."""
     state, settings = run.state, run.settings
+    val_loss, dice = result.loss, result.dice
     mean = float(np.mean(dice)) if dice else 0.0
     state.ema_dice = mean if state.ema_dice is None else EMA_DECAY * state.ema_dice + (1 - EMA_DECAY) * mean
     for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("pseudo_dice", mean),
                        ("ema_dice", state.ema_dice), ("lr", lr), ("epoch_seconds", seconds),
                        ("pseudo_dice_per_class", dice)):
         state.history[key].append(value)
+    if result.confusion is not None:  # a run resumed from before the confusion matrix was recorded has no list yet
+        state.history.setdefault("confusion", []).append(result.confusion)
     state.epoch += 1
     state.seconds = run.clock.elapsed()
     if run.out_of_time:
@@ -287,11 +292,13 @@ def _end_epoch(run: _Run, train_loss: float, val_loss: float, dice: list[float],
         _refit(run)
     run.log(f"epoch {state.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
             f"{[round(d, 4) for d in dice]}, EMA {state.ema_dice:.4f}, lr {lr:.2e}, {seconds:.1f} s")
+    if result.confusion is not None:
+        run.log(f"  validation confusion (rows reference, columns predicted, voxels): {result.confusion}")
     if run.world.is_main:
         records.save_epoch(run.out, run.model, run.optimizer, state, settings, final=run.out_of_time)
     barrier(run.world)
     report = EpochReport(state.epoch - 1, state.step, train_loss, val_loss, dice, state.ema_dice, lr, seconds,
-                         run.out)
+                         run.out, result.confusion)
     if any([bool(callback(report)) for callback in run.callbacks]):
         run.stopped = True
         run.log(f"stopped by a callback after epoch {state.epoch - 1}")

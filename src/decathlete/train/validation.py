@@ -1,7 +1,10 @@
-"""Per-epoch validation on patches drawn for the epoch: loss and nnU-Net's pseudo-Dice (tp/fp/fn summed over
-patches and ranks)."""
+"""Per-epoch validation on patches drawn for the epoch: loss, nnU-Net's pseudo-Dice (tp/fp/fn summed over all the
+epoch's patches and ranks, so one Dice per class over the whole validation draw, not a mean over batches) and the
+confusion matrix of the argmax (van den Hork 2019's report)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -10,21 +13,34 @@ from decathlete.train.distributed import World, all_reduce_sum
 from decathlete.train.step import TrainStep
 
 
+class Validation(NamedTuple):
+    """One epoch's validation: mean loss, pooled Dice per class (or region), confusion counts (rows reference,
+    columns predicted; None for regions)."""
+
+    loss: float
+    dice: list[float]
+    confusion: list[list[int]] | None
+
+
 @torch.no_grad()
 def validate(net: torch.nn.Module, step: TrainStep, batches: ValidationBatches, dev: torch.device,
-             world: World, epoch: int) -> tuple[float, list[float]]:
-    """Mean validation loss and per-class (or per-region) pseudo-Dice of ``net`` (put in eval mode) on epoch
-    ``epoch``'s validation patches."""
+             world: World, epoch: int) -> Validation:
+    """Validate ``net`` (put in eval mode) on epoch ``epoch``'s validation patches."""
     net.eval()
-    counts, loss_sum, n = None, torch.zeros((), device=dev), 0
+    counts, confusion, loss_sum, n = None, None, torch.zeros((), device=dev), 0
     for image, label in batches.iterate(dev, epoch):
         loss, logits = step.evaluate(image, label)
         loss_sum += loss
         batch_counts = step.labels.pseudo_dice_counts(logits, label)
         counts = batch_counts if counts is None else counts + batch_counts
+        batch_confusion = step.labels.confusion_counts(logits, label)
+        if batch_confusion is not None:
+            confusion = batch_confusion if confusion is None else confusion + batch_confusion
         n += 1
-    stats = all_reduce_sum(torch.cat([counts.flatten(), loss_sum.view(1), torch.tensor([float(n)], device=dev)]),
-                           world)
-    tp, fp, fn = stats[:-2].view(3, -1)
+    parts = [counts.flatten(), loss_sum.view(1), torch.tensor([float(n)], device=dev)]
+    stats = all_reduce_sum(torch.cat(parts + ([] if confusion is None else [confusion.flatten()])), world)
+    k = counts.shape[1]
+    tp, fp, fn = stats[:3 * k].view(3, -1)
     dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1e-8)).tolist()
-    return float(stats[-2] / stats[-1].clamp_min(1)), dice
+    matrix = None if confusion is None else stats[3 * k + 2:].view(confusion.shape).round().long().tolist()
+    return Validation(float(stats[3 * k] / stats[3 * k + 1].clamp_min(1)), dice, matrix)
