@@ -14,7 +14,7 @@ from decathlete.cli import main
 from synthetic import edit_dataset_json, make_msd_dataset, snapshot
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VERBS = ["validate", "plan", "preprocess", "train", "predict", "crossval", "evaluate", "demo", "list"]
+VERBS = ["validate", "plan", "preprocess", "train", "predict", "crossval", "evaluate", "demo", "list", "patches"]
 
 
 @pytest.mark.parametrize("verb", [None, *VERBS])

@@ -130,6 +130,23 @@ def test_centre_stitching_equals_the_model_on_each_centre_region() -> None:
     assert (blended[covered] - expected[covered]).abs().max() > 10 * (out[covered] - expected[covered]).abs().max()
 
 
+def test_top_k_cross_entropy_by_hand_with_ties_and_fewer_voxels_than_k_percent() -> None:
+    """Four voxels, two classes; per-voxel CE by hand: [0, 0] -> ln 2 (either target: a tie), [2, 0] with target 0 ->
+    ln(1 + e^-2), [0, 2] with target 0 -> ln(1 + e^2)."""
+    from math import exp, log
+
+    from decathlete.losses.ce import TopKCrossEntropyLoss
+
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 4)
+    target = torch.tensor([0, 1, 0, 0]).reshape(1, 1, 1, 4)
+    hardest, tie, easy = log(1 + exp(2)), log(2), log(1 + exp(-2))
+    assert TopKCrossEntropyLoss(k=50)(logits, target).item() == pytest.approx((hardest + tie) / 2)  # either tie
+    assert TopKCrossEntropyLoss(k=5)(logits, target).item() == pytest.approx(hardest)  # 5 % of 4 voxels: still one
+    assert TopKCrossEntropyLoss(k=100)(logits, target).item() == pytest.approx((hardest + 2 * tie + easy) / 4)
+    weighted = TopKCrossEntropyLoss(k=50, weight=[1.0, 3.0])  # the tie broken: class 1's voxel now weighs 3 ln 2
+    assert weighted(logits, target).item() == pytest.approx((hardest + 3 * tie) / 2)
+
+
 def test_confusion_counts_by_hand() -> None:
     labels = LabelScheme.from_dataset(TASK07)
     logits = torch.zeros(1, 3, 1, 1, 5)
@@ -158,8 +175,8 @@ SMALL = ["--set", "planning.target_spacing=[2.5,3.2,3.2]", "--set", "planning.pa
 @pytest.mark.integration
 @pytest.mark.skipif(not TASK106.is_dir(), reason="../shared/data/Task106_OpenKBP_HeadNeckCT absent")
 def test_task106_through_the_cli(tmp_path: Path) -> None:
-    """plan (HU window statistics measured), preprocess, train from the cache, predict with Gaussian and with centre
-    stitching (exact geometry), evaluate."""
+    """plan (HU window statistics measured), preprocess, train from the cache and from an HDF5 patch set, predict
+    with Gaussian and with centre stitching (exact geometry), evaluate."""
     import json
 
     from decathlete.cli import main as cli
@@ -174,6 +191,11 @@ def test_task106_through_the_cli(tmp_path: Path) -> None:
     assert cli(["preprocess", str(work), "-c", "3d_fullres"]) == 0
     assert cli(["train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iterations-per-epoch", "2",
                 "--val-iterations", "1", "--device", "cpu", "-j", "0"]) == 0
+    assert cli(["patches", str(work), "-c", "3d_fullres", "-f", "0", "--train", "6", "--val", "4"]) == 0
+    assert cli(["train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+                "--val-iterations", "1", "--device", "cpu", "-j", "0", "-o", str(tmp_path / "from_patches"),
+                "--set", "sampler=patch_set"]) == 0  # the paper's way: training and validation from the HDF5 files
+    assert (tmp_path / "from_patches" / "fold_0" / "checkpoint_final.pth").is_file()
     case = json.loads((work / "splits.json").read_text())[0]["val"][0]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / f"{case}.nii.gz").symlink_to(data / "imagesTr" / f"{case}.nii.gz")
@@ -186,3 +208,29 @@ def test_task106_through_the_cli(tmp_path: Path) -> None:
         pred, ref = nib.load(out / f"{case}.nii.gz"), nib.load(tmp_path / "ref" / f"{case}.nii.gz")
         assert pred.shape == ref.shape and np.array_equal(pred.affine, ref.affine)
         assert cli(["evaluate", str(out), str(tmp_path / "ref"), "--labels", str(work)]) == 0
+
+
+def test_synthetic_abdominal_ct_through_the_cli(tmp_path: Path) -> None:
+    """The benchmark's synthetic abdominal CT (int16 HU, five organs, 2.5 x 0.8 x 0.8 mm: the recipe's own spacing,
+    so nothing is resampled): plan, preprocess, train, predict a new scan with exact geometry. Runs everywhere."""
+    import subprocess
+    import sys
+
+    from decathlete.cli import main as cli
+    from decathlete.planning.plans import Plans
+
+    generator = Path(__file__).resolve().parents[1] / "benchmarks" / "_synthetic_ct.py"
+    subprocess.run([sys.executable, str(generator), str(tmp_path), "--train-cases", "4", "--train-shape", "16", "64",
+                    "64", "--test-shape", "18", "70", "66"], check=True)
+    work, small = tmp_path / "work", ["--set", "planning.patch_size_3d=[16,32,32]", "--set", "planning.base_features=4"]
+    assert cli(["plan", str(tmp_path / "Task99_SyntheticCT"), "-o", str(work), "--recipe", "pancreas2019", "-c",
+                "3d_fullres", *small]) == 0
+    config = Plans.load(work / "plans.json").configuration("3d_fullres")
+    assert config.spacing == pytest.approx([2.5, 0.8, 0.8]) and config.normalization[0]["scheme"] == "ct_window"
+    assert cli(["preprocess", str(work), "-c", "3d_fullres"]) == 0
+    assert cli(["train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+                "--val-iterations", "1", "--device", "cpu", "-j", "0"]) == 0
+    assert cli(["predict", "-i", str(tmp_path / "test"), "-o", str(tmp_path / "out"), "-m", str(work), "-c",
+                "3d_fullres", "-f", "0", "--device", "cpu"]) == 0
+    pred, ref = nib.load(tmp_path / "out" / "ct.nii.gz"), nib.load(tmp_path / "test" / "ct.nii.gz")
+    assert pred.shape == ref.shape and np.array_equal(pred.affine, ref.affine)

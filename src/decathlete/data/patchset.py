@@ -36,61 +36,22 @@ Layout of one file:
   ``forced`` ``(N,)`` bool.
 * Chunks of one patch (``(1, C, *size)``): a training read takes one whole patch, so a chunk is exactly one read
   and nothing else is decoded.
-* Compression: gzip level 1 (`COMPRESSION`). Neither candidate reads faster across data; measured on this 2-core
-  VM, image + label of one random patch per read, median of 5 alternating runs of 200 reads, page cache warm
-  (``benchmarks/patchset_vs_cache.py --compression`` repeats it on a work folder's own patches); cold: 100 reads,
-  file reopened and evicted (``posix_fadvise(DONTNEED)``) before each, median of 3:
-
-  =============================================  ===================  ===================
-  float16 patches (z-scored) + int8 labels        LZF: read, size      gzip 1: read, size
-  =============================================  ===================  ===================
-  synthetic (tiny recipe) 1x62x72x74, padded        1.15 ms, 4.7 %       0.41 ms, 3.7 %
-  Hippocampus MR 1x40x56x40                         0.40 ms, 41 %        0.37 ms, 29 %
-  OpenKBP CT 1x128^3 (air clipped at -1000)         7.3 ms, 10 %         6.3 ms, 7.7 %
-  BraTS FLAIR 1x128^3                               8.9 ms, 31 %         12.7 ms, 23 %
-  cold:
-  OpenKBP CT 1x128^3                                11.5 ms              9.1 ms
-  BraTS FLAIR 1x128^3                               14.1 ms              16.9 ms
-  =============================================  ===================  ===================
-
-  gzip decodes constant runs (air, padding, background) faster and LZF textured tissue; gzip's files are 20-30 %
-  smaller, which is what matters for a patch set made to outgrow memory, and deflate is built into every HDF5
-  library (LZF is h5py's own filter: the files stay readable from C, MATLAB or h5dump). Byte shuffling made reads
-  slower with either codec (up to 2x with LZF) for a few percent of size: off.
+* Compression: gzip level 1 (`COMPRESSION`). Against LZF, neither read faster on every kind of data (gzip decodes
+  constant runs such as air, padding and background faster, LZF textured tissue), gzip's files were 20-30 % smaller,
+  which is what matters for a patch set made to outgrow memory, and deflate is built into every HDF5 library (LZF is
+  h5py's own filter). Byte shuffling slowed reads for a few percent of size: off.
+  ``benchmarks/patchset_vs_cache.py --compression`` repeats the comparison on a work folder's own patches.
 * Attributes: ``case_ids`` (JSON list: the cases the file draws from), ``size``, ``n_written``, ``n_total``,
   ``seed``, ``block``, ``recipe``, ``sampler`` (JSON spec), ``configuration``, ``data_identifier``, ``fold``,
   ``kind``, ``plan`` (a hash of what the patches depend on in the plan, `PLAN_KEYS`: patches of a re-planned
   cache are not reused),
   ``format_version``.
 
-What it costs (``benchmarks/patchset_vs_cache.py``, this 2-core VM, warm page cache, one training crop per read,
-the tiny recipe on synthetic data): a stored training crop holds the augmentation's whole margin, padding included,
-and is decoded whole, whereas the cache decodes only the crop's overlap with its case.
-
-================================================  ========================  ========================
-synthetic cases -> training crop                   patch set                 blosc2 cache
-================================================  ========================  ========================
-8 x 16x40x40 -> 62x72x74 (fold 0: 6 train cases)   50 patches 1.8 MB, 894/s  0.5 MB, 3044/s
-8 x 96x256x256, patch 48x96x96 -> 156x176x178       200 patches 766 MB, 30/s  85 MB, 112/s
-================================================  ========================  ========================
-
-So a patch set is not a speed-up here: it buys a fixed, inspectable, portable set of patches drawn once (the paper's
-reason: drawing was costly in their pipeline), with reads whose cost does not depend on the size of the scans.
-Of a read, gzip decoding takes about 2/3, the float16 -> float32 cast about 1/5.
-
-Resumable and atomic: a file is written as ``train.h5.partial``, flushed after every block with ``n_written``
-updated after the block's rows, so the flushed file always describes its own content. A rerun opens the partial
-file; if its attributes (all but ``n_written``) match what would be written it continues at ``n_written``, else (or
-if HDF5 cannot open it: a process killed mid-flush) it starts over and says so. A complete file is renamed to
-``train.h5`` (``os.replace``, atomic on one file system); a final file whose attributes match is skipped, one that
-does not is rewritten. A killed run therefore leaves the previous final file or a partial one that resumes, never a
-half-written ``train.h5``. As the cache, this is safe against a killed process, not a power loss (no fsync).
-HDF5's own file locking refuses a second writer of the same partial file.
-
-Reading (`PatchSetSampler`): ``sample_batch(B, rng)`` draws ``B`` patch indices uniformly (with replacement) with the
-generator, since the foreground share was fixed when the set was written, and reads them one chunk each. The HDF5
-handle is opened lazily per process and dropped when pickled or forked, as `PatchSampler` does with its blosc2
-handles, so DataLoader workers with any start method each open their own.
+What it costs: a stored training crop holds the augmentation's whole margin, padding included, and is decoded
+whole, whereas the blosc2 cache decodes only a crop's overlap with its case; so a patch set is larger on disk and
+slower to read than the cache (``benchmarks/patchset_vs_cache.py``; results in ``benchmarks/results/``). It buys a
+fixed, inspectable, portable set of patches drawn once (the paper's reason: drawing was costly in their pipeline),
+with reads whose cost does not depend on the size of the scans.
 """
 
 from __future__ import annotations
