@@ -91,6 +91,25 @@ class SegmentationNet(nn.Module):
         return int(total)
 
 
+def check_topology(dims: int, n_stages: int, kernel_sizes: Sequence[Sequence[int]],
+                   strides: Sequence[Sequence[int]]) -> None:
+    """Refuse a plan topology a network cannot be built from: 2 or 3 axes, one kernel and one stride per stage, each
+    with an entry per axis, and a first stage at full resolution.
+
+    Raises:
+        ValueError: naming what does not fit.
+    """
+    if dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
+    if n_stages < 1 or len(kernel_sizes) != n_stages or len(strides) != n_stages:
+        raise ValueError(f"{n_stages} stages need as many kernel sizes and strides, "
+                         f"got {len(kernel_sizes)} and {len(strides)}")
+    if any(len(k) != dims for k in kernel_sizes) or any(len(s) != dims for s in strides):
+        raise ValueError(f"every kernel size and stride needs {dims} axes")
+    if any(int(s) != 1 for s in strides[0]):
+        raise ValueError(f"the first stage runs at full resolution: its strides must be 1, got {list(strides[0])}")
+
+
 def set_deep_supervision(net: nn.Module, enabled: bool) -> None:
     """Switch deep supervision of ``net`` (a no-op for networks without it)."""
     if hasattr(net, "set_deep_supervision"):

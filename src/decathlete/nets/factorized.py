@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decathlete.nets.base import SegmentationNet
+from decathlete.nets.base import SegmentationNet, check_topology
 from decathlete.nets.layers import LayerSpec, conv_class, he_init, make_act, split_spec
 from decathlete.registry import register_net
 
@@ -144,19 +144,6 @@ def _counts(n_stages: int, n_blocks: int | Sequence[int], n_dec: int | Sequence[
     return blocks, dec
 
 
-def _check_topology(dims: int, n_stages: int, kernel_sizes: Sequence[Sequence[int]],
-                    strides: Sequence[Sequence[int]]) -> None:
-    if dims not in _POOLS:
-        raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
-    if len(kernel_sizes) != n_stages or len(strides) != n_stages:
-        raise ValueError(f"{n_stages} stages need as many kernel sizes and strides, "
-                         f"got {len(kernel_sizes)} and {len(strides)}")
-    if any(len(k) != dims for k in kernel_sizes) or any(len(s) != dims for s in strides):
-        raise ValueError(f"every kernel size and stride needs {dims} axes")
-    if any(int(s) != 1 for s in strides[0]):
-        raise ValueError(f"the first stage runs at full resolution: its strides must be 1, got {list(strides[0])}")
-
-
 def _init_slope(act: LayerSpec) -> float:
     """Negative slope for Kaiming initialisation: LeakyReLU's own, 0 for every other activation (ReLU's)."""
     name, kwargs = split_spec(act)
@@ -189,7 +176,7 @@ class FactorizedUNet(SegmentationNet):
                  deep_supervision: bool = False) -> None:
         super().__init__()
         dims, feats = spatial_dims, [int(f) for f in features_per_stage]
-        _check_topology(dims, len(feats), kernel_sizes, strides)
+        check_topology(dims, len(feats), kernel_sizes, strides)
         blocks, dec_blocks = _counts(len(feats), n_blocks_per_stage, n_conv_per_stage_decoder)
         self.strides = [tuple(int(v) for v in s) for s in strides]
         # per axis, the product of the strides: input sizes that are multiples of it need no padding

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decathlete.nets.base import SegmentationNet
+from decathlete.nets.base import SegmentationNet, check_topology
 from decathlete.nets.layers import LayerSpec, conv_class, he_init, make_act, make_norm, split_spec, standard_conv
 from decathlete.nets.unet import DEFAULT_ACT, DEFAULT_NORM, ConvNormAct
 from decathlete.registry import register_net
@@ -119,16 +119,10 @@ def _init_slope(act: LayerSpec) -> float:
 def _check_topology(dims: int, n_stages: int, kernel_sizes: Sequence[Sequence[int]],
                     strides: Sequence[Sequence[int]], blocks: int | Sequence[int], seg_levels: int) -> list[int]:
     """Validate the plan's topology; return the context modules per stage."""
+    check_topology(dims, n_stages, kernel_sizes, strides)
     counts = [blocks] * n_stages if isinstance(blocks, int) else [int(b) for b in blocks]
-    if dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
-    if not len(kernel_sizes) == len(strides) == len(counts) == n_stages or n_stages < 1:
-        raise ValueError(f"Isensee2017UNet needs one kernel, stride and block count per stage ({n_stages} stages), "
-                         f"got {len(kernel_sizes)}, {len(strides)} and {len(counts)}")
-    if any(len(k) != dims for k in kernel_sizes) or any(len(s) != dims for s in strides):
-        raise ValueError(f"every kernel and stride needs {dims} entries (one per spatial axis)")
-    if any(int(v) != 1 for v in strides[0]):
-        raise ValueError(f"strides[0] must be all ones (stage 0 runs at full resolution), got {list(strides[0])}")
+    if len(counts) != n_stages:
+        raise ValueError(f"{n_stages} stages need as many context-module counts, got {len(counts)}")
     if seg_levels < 1:
         raise ValueError(f"seg_levels must be at least 1, got {seg_levels}")
     return counts
