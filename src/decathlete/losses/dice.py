@@ -115,6 +115,29 @@ def dice_stats(
     return tp, volume_pred, volume_ref
 
 
+def overlap_stats(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, nonlin: str | None,
+    include_background: bool, ignore_index: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dice_stats` of ``logits`` against a dense target (one-hot or regions, of the logits' shape; elements equal to
+    ``ignore_index`` count nowhere) or a label map already split by `split_labels` (``valid`` its mask), channel 0
+    left out unless ``include_background`` or sigmoid outputs. Shared by every overlap loss (Dice, IoU, generalised
+    Dice)."""
+    probs = probabilities(logits, nonlin)
+    if target.shape == logits.shape:  # dense: one-hot or regions, ignored elements hold ``ignore_index``
+        if ignore_index is not None:
+            valid = target != ignore_index
+            target = target.masked_fill(~valid, 0)
+        ref = target
+    else:
+        ref = one_hot_reference(target, valid, logits.shape[1])
+        valid = None if valid is None else valid[:, None]
+    if not include_background and nonlin != "sigmoid":
+        probs, ref = probs[:, 1:], ref[:, 1:]
+        valid = valid if valid is None or valid.shape[1] == 1 else valid[:, 1:]
+    return dice_stats(probs, ref, valid)
+
+
 def sum_over_ranks(*stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor summed over the DDP ranks, with gradients (a no-op outside a process group of several ranks).
 
@@ -196,17 +219,5 @@ class SoftDiceLoss(nn.Module):
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         # autocast off: the sums must stay in float32 at least, see ``probabilities``
         with torch.autocast(logits.device.type, enabled=False):
-            probs = probabilities(logits, self.apply_nonlin)
-            if target.shape == logits.shape:  # dense: one-hot or regions, ignored elements hold ``ignore_index``
-                if self.ignore_index is not None:
-                    valid = target != self.ignore_index
-                    target = target.masked_fill(~valid, 0)
-                ref = target
-            else:  # label map, already split by `split_labels`
-                ref = one_hot_reference(target, valid, logits.shape[1])
-                valid = None if valid is None else valid[:, None]
-            if not self.include_background and self.apply_nonlin != "sigmoid":
-                probs, ref = probs[:, 1:], ref[:, 1:]
-                valid = valid if valid is None or valid.shape[1] == 1 else valid[:, 1:]
-            return soft_dice(*dice_stats(probs, ref, valid), batch_dice=self.batch_dice, smooth=self.smooth,
-                             ddp=self.ddp)
+            stats = overlap_stats(logits, target, valid, self.apply_nonlin, self.include_background, self.ignore_index)
+            return soft_dice(*stats, batch_dice=self.batch_dice, smooth=self.smooth, ddp=self.ddp)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from decathlete.losses.dice import dice_stats, one_hot_reference, probabilities, split_labels, sum_over_ranks
+from decathlete.losses.dice import overlap_stats, split_labels, sum_over_ranks
 from decathlete.registry import register_loss
 
 IOU_REDUCTIONS = ("pooled", "mean")
@@ -81,18 +81,11 @@ class _OverlapLoss(nn.Module):
             return self._reduce(*(self._batch_sums(*stats) if self.batch else stats))
 
     def _stats(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs = probabilities(logits, "sigmoid" if self.region_based else "softmax")
-        if target.shape == logits.shape:
-            valid = None if self.ignore_index is None else target != self.ignore_index
-            ref = target if valid is None else target.masked_fill(~valid, 0)
-        else:
-            labels, valid = split_labels(target, logits.ndim, self.ignore_index)
-            ref = one_hot_reference(labels, valid, logits.shape[1])
-            valid = None if valid is None else valid[:, None]
-        if not self.include_background and not self.region_based:
-            probs, ref = probs[:, 1:], ref[:, 1:]
-            valid = valid if valid is None or valid.shape[1] == 1 else valid[:, 1:]
-        return dice_stats(probs, ref, valid)
+        nonlin = "sigmoid" if self.region_based else "softmax"
+        valid = None
+        if target.shape != logits.shape:
+            target, valid = split_labels(target, logits.ndim, self.ignore_index)
+        return overlap_stats(logits, target, valid, nonlin, self.include_background, self.ignore_index)
 
     def _batch_sums(self, *stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, C)`` statistics summed over the batch (and over DDP ranks with ``ddp``) to ``(C,)``."""

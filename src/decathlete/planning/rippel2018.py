@@ -30,8 +30,8 @@ import numpy as np
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
 from decathlete.planning.rules import (
-    ANISOTROPY_THRESHOLD,
     REFERENCE_GB,
+    RESAMPLING,
     median_shape_at,
     plan_configuration,
     summarise,
@@ -74,14 +74,12 @@ def plan_rippel2018(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe
     depths = axis_depths(median_shape)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
-    resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
-                  "separate_axis_order": 0}
     budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
     config = plan_configuration(
         spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
         float(np.prod(median_shape)) * fingerprint["n_cases"], patch=rippel_patch(depths), topology=TOPOLOGY,
         data_identifier="3d_fullres", normalization=build_normalization(recipe, fingerprint, dataset),
-        resampling=resampling, crop_to_nonzero=p.crop_to_nonzero,
+        resampling=dict(RESAMPLING), crop_to_nonzero=p.crop_to_nonzero,
         notes=[f"Rippel 2018: median spacing {np.round(spacing, 4).tolist()} mm, median shape "
                f"{median_shape.astype(int).tolist()}, depth per axis {depths}"])
     config.batch_dice = False

@@ -43,6 +43,10 @@ ANISOTROPY_THRESHOLD = 3.0
 MIN_FEATURE_MAP_SIZE = 4
 LOWRES_THRESHOLD = 0.25
 LOWRES_SPACING_STEP = 1.03
+# nnU-Net's resampling: third-order images, linear one-hot labels, a coarse axis resampled apart (nearest) when
+# the spacing is more anisotropic than the threshold.
+RESAMPLING = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
+              "separate_axis_order": 0}
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
@@ -216,9 +220,7 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
-    resampling = {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
-                  "separate_axis_order": 0}
-    common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": resampling,
+    common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": dict(RESAMPLING),
               "crop_to_nonzero": p.crop_to_nonzero}
     configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)}
     fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
