@@ -345,6 +345,7 @@ def test_channel_files_probabilities_and_resume(workdir: Path, tmp_path: Path) -
         "caseA.npz",
         "caseB.nii.gz",
         "caseB.npz",
+        "efficiency.json",
     ]
     with np.load(out / "caseA.npz") as npz:
         probs, values = npz["probabilities"], npz["class_values"]
@@ -363,7 +364,7 @@ def test_dicom_series_folders_are_cases_written_as_nifti_on_their_grid(workdir: 
     volume = np.clip(_test_image(seed=6, shape=(12, 30, 34)), -1000, 3000).astype(np.int16)
     write_dicom_series(inp / "patient1", volume, (2.5, 0.8, 0.7), (-20.0, 15.0, 40.0))
     result = Predictor(workdir, device="cpu", tta=False).predict_folder(inp, out, progress=False)
-    assert result["n_done"] == 1 and sorted(p.name for p in out.iterdir()) == ["patient1.nii.gz"]
+    assert result["n_done"] == 1 and sorted(p.name for p in out.iterdir()) == ["efficiency.json", "patient1.nii.gz"]
     label, geometry = images.read_label(out / "patient1.nii.gz")
     source = images.read_geometry(inp / "patient1")[0]
     assert label.shape == volume.shape and geometry.same_grid(source) == []
@@ -406,7 +407,7 @@ def test_interrupted_write_leaves_no_complete_looking_file(
     assert list(out.iterdir()) == []
     monkeypatch.undo()
     assert predictor.predict_folder(inp, out, progress=False)["n_done"] == 1  # the next run redoes the case
-    assert [p.name for p in out.iterdir()] == ["obl.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["efficiency.json", "obl.nii.gz"]
 
 
 def test_discover_cases(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_validation_checks_components_and_their_kwargs(assignment: str, message:
 def test_accepted_kwargs_leave_out_what_the_framework_supplies() -> None:
     assert "params" not in accepted_kwargs("optimizers", "sgd")
     assert accepted_kwargs("tile_weights", "gaussian") == ["sigma_scale"]
-    assert accepted_kwargs("normalizers", "ct") == ["clip"]
+    assert accepted_kwargs("normalizers", "ct") == ["clip", "statistics"]
     sampler = accepted_kwargs("samplers", "patch")
     assert "oversample_foreground" in sampler and "case_ids" not in sampler
 

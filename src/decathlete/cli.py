@@ -206,7 +206,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                              step=args.step, recipe=args.recipe, postprocess=not args.no_postprocessing,
                              whole_volume=not args.no_whole_volume, overrides=args.overrides)
     summary.pop("outputs", None)
+    efficiency = summary.pop("efficiency", None)
     print(json.dumps(summary, default=str))
+    if efficiency:
+        from decathlete.metrics.efficiency import EFFICIENCY_FILE, describe
+
+        print(f"{describe(efficiency)} -> {os.path.join(args.output, EFFICIENCY_FILE)}")
     return 0
 
 
@@ -254,13 +259,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "WORKDIR (its plans.json: the planned labels or a recipe's regions); default: every "
                         "non-zero value in the references")
     p.add_argument("-o", "--output", metavar="FILE", help="summary.json path (default: PRED/summary.json)")
-    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM", help="NSD tolerance in mm (default 1)")
+    p.add_argument("--nsd-tolerance", nargs="+", default=["1"], metavar="[LABEL=]MM",
+                   help="NSD tolerance in mm: one for every label and/or LABEL=MM pairs, LABEL a name or value "
+                        "(default 1, FLARE's; e.g. --nsd-tolerance Mandible=2 Larynx=3)")
     p.add_argument("-j", "--workers", type=_workers, default=1, help="processes over cases")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from decathlete.evaluate import evaluate_folder, ignore_label_from_dataset_json, labels_from_dataset_json
+    from decathlete.evaluate import (
+        evaluate_folder,
+        ignore_label_from_dataset_json,
+        labels_from_dataset_json,
+        parse_tolerances,
+    )
 
     labels, ignore = None, None  # ignore: the label whose voxels count nowhere
     if args.labels and (Path(args.labels) / "plans.json").is_file():  # a workdir: its labels or a recipe's regions
@@ -272,10 +284,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.labels:
         labels, ignore = labels_from_dataset_json(args.labels), ignore_label_from_dataset_json(args.labels)
     output = args.output or os.path.join(args.pred, "summary.json")
-    summary = evaluate_folder(args.pred, args.ref, labels, args.nsd_tolerance, workers=args.workers, output=output,
+    tolerance = parse_tolerances(args.nsd_tolerance, labels)
+    summary = evaluate_folder(args.pred, args.ref, labels, tolerance, workers=args.workers, output=output,
                               ignore_label=ignore)
     for name, values in summary["mean"].items():
         print(f"{name:20s} Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
+    if "efficiency" in summary:
+        from decathlete.metrics.efficiency import describe
+
+        print(describe(summary["efficiency"]))
     print(f"wrote {output}")
     return 0
 

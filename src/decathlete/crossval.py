@@ -19,8 +19,9 @@ from typing import Any
 
 from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
+from decathlete.infer.models import resolve_fold_dirs
 from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
-from decathlete.infer.predictor import Predictor, resolve_fold_dirs
+from decathlete.infer.predictor import Predictor
 from decathlete.io.atomic import write_json_atomic
 from decathlete.io.checkpoint import FINAL
 from decathlete.io.datasets import load_dataset

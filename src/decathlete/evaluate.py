@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from decathlete.io.images import image_suffix, read_label
+from decathlete.metrics.efficiency import efficiency_of
 from decathlete.metrics.summary import (
+    ANY_LABEL,
     DEFAULT_NSD_TOLERANCE_MM,
     LabelSpec,
     both_empty_metrics,
@@ -158,9 +160,39 @@ def evaluate_case(
     if labels is None:
         labels = {str(v): v for v in sorted(set(ref_values) | {int(v) for v in np.unique(pred)} - {0, ignore_label})}
     if isinstance(nsd_tolerance_mm, Mapping):
-        nsd_tolerance_mm = {n: t for n, t in nsd_tolerance_mm.items() if n in labels}
+        nsd_tolerance_mm = {n: t for n, t in nsd_tolerance_mm.items() if n in labels or n == ANY_LABEL}
     n_voxels = int(ref.size if ignore_label is None else np.count_nonzero(ref != ignore_label))
     return case_metrics(pred, ref, ref_geo.spacing, labels, nsd_tolerance_mm, ignore_label), ref_values, n_voxels
+
+
+def parse_tolerances(items: Sequence[str], labels: Mapping[str, Any] | None = None) -> Tolerance:
+    """``--nsd-tolerance`` words: ``MM`` for every label, and/or ``LABEL=MM`` pairs (others: the plain number, else
+    1 mm). ``LABEL`` is a label name (case-insensitive) or value of ``labels``; without ``labels`` (the references'
+    values are scored) a value.
+
+    Raises:
+        ValueError: a word that is neither, two plain numbers, or a label ``labels`` lacks (naming the valid ones).
+    """
+    by_value = {str(v): n for n, v in (labels or {}).items() if isinstance(v, int)}
+    by_name = {str(n).lower(): n for n in (labels or {})}
+    tolerances: dict[str, float] = {}
+    for item in items:
+        key, sep, text = item.rpartition("=")
+        try:
+            mm = float(text)
+        except ValueError:
+            raise ValueError(f"--nsd-tolerance expects MM or LABEL=MM (e.g. 1 or Mandible=2), got '{item}'") from None
+        key = key.strip() if sep else ANY_LABEL
+        if key in tolerances:
+            raise ValueError(f"--nsd-tolerance gives '{key if sep else 'every label'}' twice")
+        if key != ANY_LABEL and labels is not None:
+            name = by_name.get(key.lower()) or by_value.get(key)
+            if name is None:
+                raise ValueError(f"--nsd-tolerance names the label '{key}', which is not scored here; labels: "
+                                 f"{', '.join(f'{n} ({v})' for n, v in labels.items())}")
+            key = name
+        tolerances[key] = mm
+    return tolerances[ANY_LABEL] if list(tolerances) == [ANY_LABEL] else tolerances
 
 
 def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int) -> list[Any]:
@@ -196,14 +228,19 @@ def evaluate_folder(
             nowhere and the value is no label; None: every voxel counts.
 
     Returns:
-        The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``.
+        The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``, and
+        ``efficiency`` (the run record and its summary over the scored cases) when ``pred_dir`` holds the
+        ``efficiency.json`` of ``predict``.
 
     Raises:
         FileNotFoundError / ValueError: missing folders, unpaired cases, off-grid predictions, bad labels or
             tolerances, or no foreground label in the references when `labels` is None.
     """
-    return evaluate_pairs(pair_cases(pred_dir, ref_dir), labels, nsd_tolerance_mm, workers, output, plots,
-                          where=str(ref_dir), ignore_label=ignore_label)
+    pairs = pair_cases(pred_dir, ref_dir)
+    # The prediction run's cost (``efficiency.json``, written by ``predict``) over the scored cases, when recorded.
+    efficiency = efficiency_of(pred_dir, [case for case, _, _ in pairs])
+    return evaluate_pairs(pairs, labels, nsd_tolerance_mm, workers, output, plots, where=str(ref_dir),
+                          ignore_label=ignore_label, extra={"efficiency": efficiency} if efficiency else None)
 
 
 def evaluate_pairs(
@@ -215,8 +252,10 @@ def evaluate_pairs(
     plots: bool = True,
     where: str = "the references",
     ignore_label: int | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_folder` for explicit ``(case id, prediction file, reference file)`` triples."""
+    """`evaluate_folder` for explicit ``(case id, prediction file, reference file)`` triples; ``extra`` entries are
+    added to the summary."""
     pairs = [(c, Path(p), Path(r)) for c, p, r in pairs]
     spec = None if labels is None else normalize_labels(labels)
     if spec is not None:
@@ -231,7 +270,7 @@ def evaluate_pairs(
         results = [({n: m.get(n) or both_empty_metrics(size) for n in spec}, rv, size) for m, rv, size in results]
     tolerances = resolve_tolerances(list(spec), nsd_tolerance_mm)
     per_case = [{"case": case, "metrics": metrics} for (case, _, _), (metrics, _, _) in zip(pairs, results)]
-    summary = build_summary(per_case, spec, tolerances)
+    summary = {**build_summary(per_case, spec, tolerances), **(extra or {})}
     if output is not None:
         write_summary(summary, output, plots=plots)
     return summary

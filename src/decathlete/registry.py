@@ -23,7 +23,7 @@ _PLUGINS: list[str] = []
 # Modules of the package that register built-in components; imported lazily so `import decathlete` stays cheap.
 _BUILTIN_MODULES = {
     "recipes": ("decathlete.recipes.default", "decathlete.recipes.myronenko2018", "decathlete.recipes.rippel2018",
-                "decathlete.recipes.avetisian", "decathlete.recipes.vandenhork2019"),
+                "decathlete.recipes.avetisian", "decathlete.recipes.vandenhork2019", "decathlete.recipes.witanto2021"),
     "nets": ("decathlete.nets.unet", "decathlete.nets.segresnet", "decathlete.nets.factorized",
              "decathlete.nets.isensee2017"),
     "convs": ("decathlete.nets.layers",),
@@ -33,10 +33,10 @@ _BUILTIN_MODULES = {
                "decathlete.losses.deep_supervision", "decathlete.losses.vae", "decathlete.losses.overlap"),
     "optimizers": ("decathlete.train.optimizers",),
     "schedules": ("decathlete.train.schedules",),
-    "planners": ("decathlete.planning.rules", "decathlete.planning.rippel2018"),
+    "planners": ("decathlete.planning.rules", "decathlete.planning.rippel2018", "decathlete.planning.flare21"),
     "normalizers": ("decathlete.preprocess.normalization",),
     "augmentations": ("decathlete.augment.presets", "decathlete.augment.extra"),
-    "transforms": ("decathlete.augment.extra",),
+    "transforms": ("decathlete.augment.extra", "decathlete.augment.lesion"),
     "samplers": ("decathlete.data.sampling", "decathlete.data.border_sampling", "decathlete.data.patchset"),
     "tile_weights": ("decathlete.infer.tile_weights",),
 }

@@ -42,92 +42,21 @@ from tqdm.auto import tqdm
 from decathlete import registry
 from decathlete.devices import memory_format, resolve_device
 from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
+from decathlete.infer.efficiency import EfficiencyMeter, phase
+from decathlete.infer.models import _trained, model_recipe, resolve_fold_dirs
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
 from decathlete.io.checkpoint import FINAL, load_checkpoint
 from decathlete.io.images import Geometry, write_image
 from decathlete.labels import LabelScheme
+from decathlete.metrics.efficiency import write_efficiency
 from decathlete.nets.base import set_deep_supervision
 from decathlete.planning.plans import IDENTITY, Plans, inverse_permutation
 from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
 from decathlete.preprocess.pipeline import preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
 from decathlete.recipes import build
-from decathlete.recipes.base import Recipe, RecipeError, get_recipe, saved_recipe, validate
-
-
-def resolve_fold_dirs(
-    model: str | Path, configuration: str, folds: Sequence[int] | str | None, recipe: str | None = None
-) -> list[Path]:
-    """The fold folders of a model: ``model`` is a work folder or a ``models/<config>/<recipe>`` folder.
-
-    Args:
-        model: ``WORKDIR`` (holding ``models/<configuration>/<recipe>/fold_<k>``) or the folder of ``fold_<k>``.
-        configuration: configuration name (work folders only).
-        folds: fold numbers; ``"all"`` or None = every ``fold_<k>`` present.
-        recipe: recipe name (work folders only); None = the plans' recipe, or the only one trained.
-
-    Raises:
-        FileNotFoundError: no such model or fold. ValueError: several recipes trained and none chosen.
-    """
-    root = Path(model)
-    base = root
-    if not list(root.glob("fold_*")):
-        trained = root / "models" / configuration
-        names = sorted(d.name for d in trained.iterdir() if d.is_dir()) if trained.is_dir() else []
-        if not names:
-            raise FileNotFoundError(
-                f"{root} holds no trained '{configuration}' model: expected "
-                f"{trained}/<recipe>/fold_<k> (`decathlete train`) or a folder of fold_<k>"
-            )
-        if recipe is None:
-            planned = Plans.load(root / "plans.json").recipe if (root / "plans.json").is_file() else None
-            if planned not in names and len(names) > 1:
-                raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
-            recipe = planned if planned in names else names[0]
-        base = trained / recipe
-    if folds is None or folds == "all":
-        found = sorted((d for d in base.glob("fold_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]))
-    else:
-        found = [base / f"fold_{int(k)}" for k in folds]
-    missing = [str(d) for d in found if not d.is_dir()]
-    if not found or missing:
-        raise FileNotFoundError(f"missing fold folders under {base}: {', '.join(missing) or 'none trained'}")
-    return found
-
-
-def _trained(fold_dirs: Sequence[Path], checkpoint: str) -> tuple[list[Path], list[str]]:
-    """The fold folders holding ``checkpoint``, and the names of those that do not (their training unfinished).
-
-    Raises:
-        FileNotFoundError: when none holds it.
-    """
-    done = [d for d in fold_dirs if (d / checkpoint).is_file()]
-    if not done:
-        raise FileNotFoundError(f"no fold under {fold_dirs[0].parent} holds {checkpoint} (is training finished? "
-                                f"`--checkpoint checkpoint_latest.pth` uses the latest one)")
-    return done, [d.name for d in fold_dirs if d not in done]
-
-
-def model_recipe(fold_dirs: Sequence[Path], plans: Plans, overrides: Sequence[str] = ()) -> Recipe:
-    """The recipe the folds were trained with (their ``recipe.json``; for older folders without one, the plans'),
-    with ``inference.*`` overrides only: everything else is what the model learned with.
-
-    Raises:
-        RecipeError: folds trained with different networks or inference settings, or an override outside
-            ``inference``.
-    """
-    outside = [o for o in overrides if not o.strip().startswith("inference.")]
-    if outside:
-        raise RecipeError(f"a trained model can only change inference.* settings, not {', '.join(outside)}")
-    recipes = [saved_recipe(d) for d in fold_dirs]
-    if recipes[0] is None:
-        recipes[0] = Recipe.from_dict(plans.recipe_settings) if plans.recipe_settings else get_recipe(plans.recipe)
-    for d, other in zip(fold_dirs[1:], recipes[1:]):
-        if other is not None and recipes[0].differences(other, ("net", "regions", "inference")):
-            raise RecipeError(f"{d} was trained with another network or inference settings than {fold_dirs[0]}")
-    return validate(recipes[0].with_overrides(overrides))
 
 
 def invert_preprocessing(probabilities: np.ndarray, properties: Mapping[str, Any], class_values: Sequence[int],
@@ -214,7 +143,7 @@ class Predictor:
         else:
             self.skipped_folds = []
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
-        self.config = self.plans.configuration(configuration)
+        self.config, self.config_name = self.plans.configuration(configuration), configuration
         for d in self.fold_dirs[1:]:
             other = Plans.load(d / "plans.json")
             if (asdict(other.configuration(configuration)) != asdict(self.config)
@@ -289,21 +218,34 @@ class Predictor:
         return total.div_(len(self.networks)).numpy()
 
     def _predict(
-        self, image_paths: Sequence[str | Path] | str | Path, case_id: str | None, return_probabilities: bool
+        self, image_paths: Sequence[str | Path] | str | Path, case_id: str | None, return_probabilities: bool,
+        seconds: dict[str, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-        case = preprocess_case(image_paths, None, self.preprocessing, case_id=case_id)
+        with phase(seconds, "preprocess"):
+            case = preprocess_case(image_paths, None, self.preprocessing, case_id=case_id)
         if case.data.shape[0] != self.n_channels:
             raise ValueError(
                 f"{case.properties['case_id']}: {case.data.shape[0]} channel(s), the model expects "
                 f"{self.n_channels} ({', '.join(map(str, self.plans.dataset['channel_names'].values()))})"
             )
-        probabilities = self.predict_probabilities(case.data)
+        with phase(seconds, "network"):
+            probabilities = self.predict_probabilities(case.data)
         del case.data
-        label, full = invert_preprocessing(
-            probabilities, case.properties, self.class_values, self.region_based, return_probabilities
-        )
-        label = apply_postprocessing(label, self.postprocessing)
+        with phase(seconds, "export"):
+            label, full = invert_preprocessing(
+                probabilities, case.properties, self.class_values, self.region_based, return_probabilities
+            )
+            label = apply_postprocessing(label, self.postprocessing)
         return label, full, Geometry.from_dict(case.properties["geometry"])
+
+    def efficiency_meter(self) -> EfficiencyMeter:
+        """A meter of this model's per-case cost (`decathlete.infer.efficiency`)."""
+        def make() -> torch.nn.Module:
+            net = build.build_network(self.config, self.plans)
+            set_deep_supervision(net, False)
+            return net
+
+        return EfficiencyMeter(self.networks, make, self.n_channels, self.config.patch_size, self.device)
 
     def predict_case(self, image_paths: Sequence[str | Path] | str | Path, return_probabilities: bool = False,
                      case_id: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
@@ -336,8 +278,9 @@ class Predictor:
             progress: show a progress bar.
 
         Returns:
-            ``{"n_cases", "n_done", "n_skipped", "seconds", "folds", "skipped_folds", "case_seconds", "outputs"}``
-            (outputs: case id -> file; folds: the fold folders ensembled; skipped_folds: unfinished ones left out).
+            ``{"n_cases", "n_done", "n_skipped", "seconds", "folds", "skipped_folds", "case_seconds", "outputs",
+            "efficiency"}`` (outputs: case id -> file; folds: the fold folders ensembled; skipped_folds: unfinished
+            ones left out; efficiency: the ``efficiency.json`` written, None when no case was predicted).
 
         Raises:
             ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
@@ -363,25 +306,34 @@ class Predictor:
                 stale.unlink(missing_ok=True)
         npz_missing = {cid: save_probabilities and not (output_dir / f"{cid}.npz").exists() for cid in cases}
         todo = [cid for cid in cases if overwrite or npz_missing[cid] or not targets[cid].exists()]
-        seconds, failed = {}, {}
+        seconds, failed, costs = {}, {}, {}
+        meter = self.efficiency_meter()
         for cid in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
             t0 = time.perf_counter()
             try:
-                label, full, geometry = self._predict(cases[cid], cid, save_probabilities)
-                if full is not None:
-                    _save_probabilities(output_dir / f"{cid}.npz", full, self.class_values)
-                write_image(label, geometry, targets[cid], dtype=label.dtype)  # last: its presence means "done"
+                with meter.case(cost := {}) as phases:
+                    label, full, geometry = self._predict(cases[cid], cid, save_probabilities, phases)
+                    with phase(phases, "export"):
+                        if full is not None:
+                            _save_probabilities(output_dir / f"{cid}.npz", full, self.class_values)
+                        write_image(label, geometry, targets[cid], dtype=label.dtype)  # last: it means "done"
             except Exception as exc:  # the other cases go on; Ctrl-C (not an Exception) stops at once
                 failed[cid] = f"{type(exc).__name__}: {exc}"
                 continue
-            seconds[cid] = time.perf_counter() - t0
+            seconds[cid], costs[cid] = time.perf_counter() - t0, cost
+        efficiency = None
+        if costs:
+            efficiency = write_efficiency(output_dir, meter.run_record(
+                model=str(self.fold_dirs[0].parent), configuration=self.config_name, recipe=self.recipe.name,
+                folds=[d.name for d in self.fold_dirs], mirror_axes=list(self.mirror_axes)), costs)
         if failed:
             details = "; ".join(f"{cid}: {err}" for cid, err in sorted(failed.items()))
             raise RuntimeError(f"{len(failed)} of {len(todo)} cases failed: {details}")
         n = len(cases)
         return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
                 "folds": [d.name for d in self.fold_dirs], "skipped_folds": self.skipped_folds,
-                "case_seconds": seconds, "outputs": {cid: str(t) for cid, t in targets.items()}}  # fmt: skip
+                "case_seconds": seconds, "outputs": {cid: str(t) for cid, t in targets.items()},
+                "efficiency": efficiency}  # fmt: skip
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",

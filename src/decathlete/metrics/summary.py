@@ -26,6 +26,7 @@ METRICS = (
     "n_pred", "n_ref", "volume_pred_mm3", "volume_ref_mm3",
 )  # fmt: skip
 DEFAULT_NSD_TOLERANCE_MM = 1.0
+ANY_LABEL = "*"  # key of the tolerance of every label a tolerance dict does not name
 EMPTY_MASKS = (
     "FLARE convention, never NaN, no case dropped from a mean. Both prediction and reference empty: dice = iou = "
     "nsd = sensitivity = precision = 1, hd95 = 0. Exactly one empty: dice = iou = nsd = 0, hd95 = diagonal of the "
@@ -57,16 +58,18 @@ def normalize_labels(labels: LabelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def resolve_tolerances(names: Sequence[str], nsd_tolerance_mm: Mapping[str, float] | float) -> dict[str, float]:
-    """NSD tolerance (mm) per label name: one number for all, or a dict (missing names get 1 mm).
+    """NSD tolerance (mm) per label name: one number for all, or a dict (missing names get the ``"*"`` entry, else
+    1 mm, FLARE's default).
 
     Raises:
         ValueError: a dict names an unknown label (a typo would otherwise silently fall back to the default),
             or a tolerance is negative or not finite.
     """
     if isinstance(nsd_tolerance_mm, Mapping):
-        if unknown := sorted(set(nsd_tolerance_mm) - set(names)):
+        if unknown := sorted(set(nsd_tolerance_mm) - set(names) - {ANY_LABEL}):
             raise ValueError(f"NSD tolerances given for unknown labels {unknown}; labels are {list(names)}")
-        tol = {n: float(nsd_tolerance_mm.get(n, DEFAULT_NSD_TOLERANCE_MM)) for n in names}
+        default = nsd_tolerance_mm.get(ANY_LABEL, DEFAULT_NSD_TOLERANCE_MM)
+        tol = {n: float(nsd_tolerance_mm.get(n, default)) for n in names}
     else:
         tol = {n: float(nsd_tolerance_mm) for n in names}
     if bad := {n: t for n, t in tol.items() if not (math.isfinite(t) and t >= 0)}:

@@ -4,7 +4,8 @@ Specs (one per channel, the config's ``"normalization"`` list):
 
 * ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip to the dataset-wide foreground percentiles,
   then ``(x - m) / max(s, 1e-8)`` with the dataset-wide foreground mean / std from the fingerprint (nnU-Net's
-  CTNormalization).
+  CTNormalization), or with ``statistics="clipped"`` those of the clipped foreground voxels, measured once at
+  planning (Witanto 2021's global normalisation).
 * ``{"scheme": "zscore", "use_nonzero_mask": bool}``: per-image z-score; with ``use_nonzero_mask`` the statistics
   come from the nonzero mask only and voxels outside it are set to 0 (nnU-Net's ZScoreNormalization with
   ``use_mask_for_norm``, as in nnU-Net v1).
@@ -130,16 +131,59 @@ def no_normalize(channel: np.ndarray, spec: Mapping[str, Any], mask: np.ndarray 
     return np.asarray(channel, dtype=np.float32)
 
 
+def _training_cases(dataset: Mapping[str, Any] | None, what: str) -> list[Any]:
+    """The dataset's training cases, for a scheme that measures its statistics on the images at planning."""
+    from decathlete.io.datasets import load_dataset  # the planner's seam; preprocessing never needs it
+
+    if dataset is None or "root" not in dataset:
+        raise ValueError(f"{what} measures its statistics on the dataset's images: plan it from a dataset")
+    cases = load_dataset(dataset["root"]).training
+    if not cases:
+        raise ValueError(f"no training images in {dataset.get('root')} to measure the {what} statistics on")
+    return cases
+
+
+def clipped_foreground_statistics(dataset: Mapping[str, Any] | None, channel: int,
+                                  clip: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) std of one channel's foreground voxels (label > 0, as the fingerprint's) after clipping
+    to ``clip``, pooled over every voxel of every training case (a global statistic: a large organ weighs more).
+
+    Every foreground voxel is read; the sums run in float64 about the clip range's centre, so no cancellation.
+    """
+    from decathlete.io.images import read_image, read_label
+
+    lo, hi = (float(v) for v in clip)
+    centre = (lo + hi) / 2
+    total = total_sq = count = 0.0
+    for case in _training_cases(dataset, "ct (clipped statistics)"):
+        image, _ = read_image(case.images, dtype=None)
+        label, _ = read_label(case.label)
+        values = np.clip(image[channel][label > 0].astype(np.float64), lo, hi) - centre
+        total, total_sq, count = total + values.sum(), total_sq + np.dot(values, values), count + values.size
+    if count == 0:
+        raise ValueError(f"no foreground voxels in the training labels of {dataset and dataset.get('root')}")
+    mean = total / count
+    return centre + mean, float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+
+
 @register_normalizer("ct")
 class CTNormalization:
     """nnU-Net's CTNormalization: clip to the dataset's foreground 0.5-99.5 percentiles (or ``clip``), then z-score
-    with the dataset's foreground mean and std (the fingerprint's, over the unclipped foreground)."""
+    with the dataset's foreground mean and std: ``statistics="fingerprint"`` (nnU-Net) takes the fingerprint's, over
+    the unclipped foreground; ``"clipped"`` (Witanto 2021: "Following the clipping, the global mean and standard
+    deviation was calculated") measures those of the clipped foreground voxels on the training images at planning."""
 
     @staticmethod
-    def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any],
-             clip: Sequence[float] | None = None) -> dict[str, Any]:
+    def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any], clip: Sequence[float] | None = None,
+             statistics: str = "fingerprint", dataset: Mapping[str, Any] | None = None) -> dict[str, Any]:
         lo, hi = clip if clip is not None else (stats["percentile_00_5"], stats["percentile_99_5"])
-        return {"scheme": "ct", "clip": [lo, hi], "mean": stats["mean"], "std": stats["std"]}
+        if statistics == "fingerprint":
+            mean, std = stats["mean"], stats["std"]
+        elif statistics == "clipped":
+            mean, std = clipped_foreground_statistics(dataset, int(stats.get("channel", 0)), (lo, hi))
+        else:
+            raise ValueError(f"ct normalisation: statistics must be 'fingerprint' or 'clipped', got '{statistics}'")
+        return {"scheme": "ct", "clip": [lo, hi], "mean": mean, "std": std}
 
     apply = staticmethod(ct_normalize)
 
@@ -151,17 +195,14 @@ def window_statistics(dataset: Mapping[str, Any], channel: int, window: Sequence
     Every ``stride``-th voxel along each axis is read (1/8 of them by default: the statistics of millions of voxels
     move in the fourth digit), accumulated in float64.
     """
-    from decathlete.io.datasets import load_dataset  # the planner's seam; preprocessing never needs it
     from decathlete.io.images import read_image
 
     lo, hi = (float(v) for v in window)
     total = total_sq = count = 0.0
-    for case in load_dataset(dataset["root"]).training:
+    for case in _training_cases(dataset, "ct_window"):
         image, _ = read_image(case.images, dtype=None)
         values = np.clip(image[channel, ::stride, ::stride, ::stride].astype(np.float64), lo, hi)
         total, total_sq, count = total + values.sum(), total_sq + (values**2).sum(), count + values.size
-    if count == 0:
-        raise ValueError(f"no training images in {dataset.get('root')} to measure the window statistics on")
     mean = total / count
     return mean, float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
 
@@ -176,8 +217,6 @@ class CTWindowNormalization:
     @staticmethod
     def plan(stats: Mapping[str, Any], fingerprint: Mapping[str, Any], window: Sequence[float] = (-100.0, 200.0),
              dataset: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        if dataset is None or "root" not in dataset:
-            raise ValueError("ct_window measures its statistics on the dataset's images: plan it from a dataset")
         lo, hi = (float(v) for v in window)
         if lo >= hi:
             raise ValueError(f"ct_window needs a window (low, high) with low < high, got {list(window)}")

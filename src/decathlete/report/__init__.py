@@ -1,4 +1,5 @@
-"""A small self-contained HTML report: metrics table, training curve and overlays of a few held-out slices."""
+"""A small self-contained HTML report: metrics table, prediction cost (``efficiency.json``), training curve and
+overlays of a few held-out slices."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from decathlete.io.atomic import write_atomic  # noqa: E402
 from decathlete.io.images import image_suffix, read_image, read_label  # noqa: E402
+from decathlete.metrics.efficiency import describe, efficiency_of  # noqa: E402
 
 
 def _png_base64(fig: Any) -> str:
@@ -57,6 +59,8 @@ def write_report(path: str | Path, summary: dict[str, Any], fold_dir: Path, imag
         prediction, _ = read_label(predictions / ref_path.name)
         pictures.append(f'<img src="data:image/png;base64,{overlay(image, reference, prediction, case)}">')
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    efficiency = efficiency_of(predictions, [c["case"] for c in summary["per_case"]])
+    efficiency_html = html.escape(describe(efficiency)) if efficiency else "no efficiency.json in the predictions"
     document = f"""<!doctype html><html><head><meta charset="utf-8"><title>decathlete report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;
 padding:4px 8px;text-align:right}}</style></head><body>
@@ -67,6 +71,7 @@ padding:4px 8px;text-align:right}}</style></head><body>
 <h2>Held-out metrics (mean over cases)</h2>
 <table><tr><th>label</th><th>Dice</th><th>NSD</th><th>HD95 (mm)</th></tr>{rows}</table>
 <p>{html.escape(summary['conventions'].get('empty_masks', ''))}</p>
+<h2>Prediction cost</h2><p>{efficiency_html}</p>
 <h2>Training</h2>{curve_html}
 <h2>Overlays</h2>{''.join(pictures)}
 </body></html>"""
