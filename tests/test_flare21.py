@@ -190,3 +190,43 @@ def test_synthetic_abdominal_ct_through_the_cli(tmp_path: Path, capsys: pytest.C
     assert cli(["crossval", str(work), "-c", "2d", "-f", "0", "--device", "cpu"]) == 0
     folder = work / "models" / "2d" / "flare21_2d"
     assert (folder / "fold_0" / "validation" / "efficiency.json").is_file()
+
+
+TASK106 = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task106_OpenKBP_HeadNeckCT"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not TASK106.is_dir(), reason="../shared/data/Task106_OpenKBP_HeadNeckCT absent")
+def test_task106_through_the_cli(tmp_path: Path) -> None:
+    """Real CT with its slice axis last (2.5-3 mm against ~4.7 mm in plane): plan (moved first, isotropic, clipped
+    foreground statistics measured), preprocess, train, crossval, predict with exact geometry, evaluate."""
+    from decathlete.cli import main as cli
+    from decathlete.planning.plans import Plans
+    from test_rippel2018 import _subset
+
+    data, work = _subset(TASK106, tmp_path / "data", 4), tmp_path / "work"
+    assert cli(["plan", str(data), "-o", str(work), "--recipe", "flare21_2d", "--set", "planning.base_features=4"]) == 0
+    plans = Plans.load(work / "plans.json")
+    config = plans.configuration("2d")
+    assert plans.transpose_forward[0] == acquisition_axis(np.median(
+        [c["spacing"] for c in json.loads((work / "fingerprint.json").read_text())["cases"]], axis=0))
+    assert np.ptp(config.spacing) == 0 and config.spacing[0] > 3.5  # isotropic at the in-plane spacing
+    spec = config.normalization[0]
+    assert spec["scheme"] == "ct" and spec["clip"][0] < spec["mean"] < spec["clip"][1] and spec["std"] > 0
+    assert cli(["preprocess", str(work), "-c", "2d"]) == 0
+    assert cli(["train", str(work), "-c", "2d", "-f", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+                "--val-iterations", "1", "--device", "cpu", "-j", "0"]) == 0
+    assert cli(["crossval", str(work), "-c", "2d", "-f", "0", "--device", "cpu"]) == 0
+    case = json.loads((work / "splits.json").read_text())[0]["val"][0]
+    for folder in ("in", "ref"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "in" / f"{case}.nii.gz").symlink_to(data / "imagesTr" / f"{case}.nii.gz")
+    (tmp_path / "ref" / f"{case}.nii.gz").symlink_to(data / "labelsTr" / f"{case}.nii.gz")
+    out = tmp_path / "out"
+    assert cli(["predict", "-i", str(tmp_path / "in"), "-o", str(out), "-m", str(work), "-c", "2d", "-f", "0",
+                "--device", "cpu"]) == 0
+    pred, ref = nib.load(out / f"{case}.nii.gz"), nib.load(tmp_path / "ref" / f"{case}.nii.gz")
+    assert pred.shape == ref.shape and np.array_equal(pred.affine, ref.affine)
+    assert cli(["evaluate", str(out), str(tmp_path / "ref"), "--labels", str(work), "--nsd-tolerance",
+                "Mandible=2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["efficiency"]["summary"]["n_cases"] == 1

@@ -5,9 +5,8 @@ case predicted the predictor records:
 
 * wall seconds per phase: ``preprocess`` (read, transpose, crop, resample, normalise), ``network`` (sliding window,
   mirroring, fold ensemble) and ``export`` (resampling back, postprocessing, writing);
-* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per case); on the CPU the process's peak resident
-  set (``VmHWM``), reset per case through ``/proc/self/clear_refs`` where the kernel allows it (Linux >= 4.0),
-  otherwise the process's lifetime peak (``ru_maxrss``), recorded as such;
+* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per case); on the CPU the peak resident set of
+  the process during the case (`PeakMemory`), recorded with which it is;
 * the network inputs it ran (``patches``: tiles x mirrors x folds, counted by a forward hook, so whatever the sliding
   window decided) and their FLOPs.
 
@@ -18,7 +17,10 @@ activations) on a copy of the network on the ``meta`` device, so counting costs 
 
 from __future__ import annotations
 
+import os
 import resource
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -31,8 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from decathlete.metrics.efficiency import PHASES
 
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
+_STATM = Path("/proc/self/statm")
 
 
 def count_parameters(net: torch.nn.Module) -> int:
@@ -52,45 +53,58 @@ def count_flops(build: Callable[[], torch.nn.Module], in_channels: int, shape: S
 
 
 class PeakMemory:
-    """The peak memory of the current case: CUDA allocations on a GPU, the resident set on the CPU."""
+    """The peak memory of one case, between `start` and `stop`: CUDA allocations on a GPU, the resident set on the CPU.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    On the CPU the process's own peak counter (``getrusage``) is exact but can only grow, and resetting it (Linux's
+    ``clear_refs``) would falsify what ``/usr/bin/time`` and other tools report for the process. So a case's peak is
+    that counter when the case raised it, and otherwise the largest resident set seen by a thread that reads
+    ``/proc/self/statm`` every ``interval`` seconds (where there is no ``/proc``, the process's peak so far).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.01) -> None:
+        self.device, self.interval = device, interval
         if device.type == "cuda":
             self.kind = "cuda_max_memory_allocated"
         else:
-            self.kind = "cpu_peak_rss" if _resettable_rss() else "cpu_peak_rss_since_start"
+            self.kind = "cpu_peak_rss" if _STATM.is_file() else "cpu_peak_rss_since_start"
+        self._before, self._sampled, self._stop, self._thread = 0.0, 0.0, threading.Event(), None
 
-    def reset(self) -> None:
-        """Start measuring a new case."""
+    def start(self) -> None:
+        """Start measuring a case."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "cpu_peak_rss":
-            _CLEAR_REFS.write_text("5")
+            return
+        self._before, self._sampled = _process_peak_mib(), 0.0
+        if self.kind == "cpu_peak_rss":
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
 
-    def peak_mib(self) -> float:
-        """The peak since the last `reset` (MiB)."""
+    def _sample(self) -> None:
+        page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while True:
+            self._sampled = max(self._sampled, int(_STATM.read_text().split()[1]) * page_mib)
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> float:
+        """The case's peak (MiB)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.kind == "cpu_peak_rss":
-            return _status_kib("VmHWM") / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        after = _process_peak_mib()
+        if self.kind != "cpu_peak_rss" or after > self._before:
+            return max(after, self._sampled)
+        return self._sampled
 
 
-def _status_kib(field: str) -> float:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return float(line.split()[1])
-    raise KeyError(field)
-
-
-def _resettable_rss() -> bool:
-    """Whether this kernel lets a process reset its peak resident set (and report it)."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return _status_kib("VmHWM") > 0
-    except (OSError, KeyError, ValueError):
-        return False
+def _process_peak_mib() -> float:
+    """The process's peak resident set so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class EfficiencyMeter:
@@ -133,21 +147,22 @@ class EfficiencyMeter:
         self.inputs.clear()
         seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         handles = [net.register_forward_pre_hook(self._count) for net in self.networks]
-        self.memory.reset()
+        self.memory.start()
         start = time.perf_counter()
         try:
             yield seconds
         finally:
             for handle in handles:
                 handle.remove()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        total = time.perf_counter() - start  # before counting FLOPs, which is the meter's cost, not the case's
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            total = time.perf_counter() - start  # before counting FLOPs, which is the meter's cost, not the case's
+            peak = self.memory.stop()
         per_input = {shape: self.flops(shape) for shape in self.inputs}
         known = all(f is not None for f in per_input.values())
         record.update({"seconds": round(total, 4),
                        **{f"{k}_seconds": round(v, 4) for k, v in seconds.items()},
-                       "peak_memory_mib": round(self.memory.peak_mib(), 1),
+                       "peak_memory_mib": round(peak, 1),
                        "patches": sum(self.inputs.values()),
                        "input_shapes": {"x".join(map(str, s)): n for s, n in sorted(self.inputs.items())},
                        "flops": sum(n * (per_input[s] or 0) for s, n in self.inputs.items()) if known else None})

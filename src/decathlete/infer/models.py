@@ -50,7 +50,7 @@ def resolve_fold_dirs(
     return found
 
 
-def _trained(fold_dirs: Sequence[Path], checkpoint: str) -> tuple[list[Path], list[str]]:
+def trained_folds(fold_dirs: Sequence[Path], checkpoint: str) -> tuple[list[Path], list[str]]:
     """The fold folders holding ``checkpoint``, and the names of those that do not (their training unfinished).
 
     Raises:

@@ -43,7 +43,7 @@ from decathlete import registry
 from decathlete.devices import memory_format, resolve_device
 from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
 from decathlete.infer.efficiency import EfficiencyMeter, phase
-from decathlete.infer.models import _trained, model_recipe, resolve_fold_dirs
+from decathlete.infer.models import model_recipe, resolve_fold_dirs, trained_folds
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
@@ -139,7 +139,7 @@ class Predictor:
                  whole_volume: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         if folds is None or folds == "all":
-            self.fold_dirs, self.skipped_folds = _trained(self.fold_dirs, checkpoint)
+            self.fold_dirs, self.skipped_folds = trained_folds(self.fold_dirs, checkpoint)
         else:
             self.skipped_folds = []
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
