@@ -111,6 +111,7 @@ def test_quick_demo_runs_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["demo", "--quick", "-o", str(tmp_path / "demo"), "-j", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "foreground mean" in out and "seconds per stage" in out
+    assert f"efficiency: {len(json.loads((tmp_path / 'demo' / 'splits.json').read_text())[0]['val'])} case(s)" in out
     work = tmp_path / "demo"
     summary = json.loads((work / "evaluation" / "summary.json").read_text())
     held_out = json.loads((work / "splits.json").read_text())[0]["val"]
@@ -118,6 +119,7 @@ def test_quick_demo_runs_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert set(summary["mean"]) == {"organ", "lesion"}
     report = (work / "report.html").read_text()
     assert report.count("data:image/png;base64") >= 2 and "Dice" in report
+    assert "Prediction cost" in report and "s/case (preprocess" in report and "GFLOPs per patch" in report
     raw = work / "raw"
     assert all(not p.is_symlink() for p in raw.rglob("*"))  # the held-out links live in the work folder
 

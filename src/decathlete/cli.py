@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from decathlete import __version__, registry
 from decathlete.io.validation import DatasetError
@@ -267,22 +266,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from decathlete.evaluate import (
-        evaluate_folder,
-        ignore_label_from_dataset_json,
-        labels_from_dataset_json,
-        parse_tolerances,
-    )
+    from decathlete.evaluate import evaluate_folder, labels_to_score, parse_tolerances
 
-    labels, ignore = None, None  # ignore: the label whose voxels count nowhere
-    if args.labels and (Path(args.labels) / "plans.json").is_file():  # a workdir: its labels or a recipe's regions
-        from decathlete.labels import LabelScheme
-        from decathlete.planning.plans import Plans
-
-        scheme = LabelScheme.from_dataset(Plans.load(Path(args.labels) / "plans.json").dataset)
-        labels, ignore = scheme.evaluation_labels(), scheme.ignore_label
-    elif args.labels:
-        labels, ignore = labels_from_dataset_json(args.labels), ignore_label_from_dataset_json(args.labels)
+    labels, ignore = labels_to_score(args.labels)  # ignore: the label whose voxels count nowhere
     output = args.output or os.path.join(args.pred, "summary.json")
     tolerance = parse_tolerances(args.nsd_tolerance, labels)
     summary = evaluate_folder(args.pred, args.ref, labels, tolerance, workers=args.workers, output=output,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from decathlete import api
+from decathlete.metrics.efficiency import describe
 from decathlete.planning.plans import Plans
 from decathlete.synthetic import make_synthetic_dataset
 
@@ -100,4 +101,6 @@ def _print_table(summary: dict[str, Any], timings: dict[str, float], report: Pat
     fg = summary["foreground_mean"]
     print(f"{'foreground mean':20s} {fg['dice']:7.4f} {fg['nsd']:7.4f} {fg['hd95']:8.2f}")
     print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if "efficiency" in summary:
+        print(describe(summary["efficiency"]))
     print(f"report: {report}")

@@ -165,6 +165,20 @@ def evaluate_case(
     return case_metrics(pred, ref, ref_geo.spacing, labels, nsd_tolerance_mm, ignore_label), ref_values, n_voxels
 
 
+def labels_to_score(source: str | Path | None) -> tuple[dict[str, Any] | None, int | None]:
+    """``(labels, ignore label)`` that ``evaluate --labels SOURCE`` scores: a WORKDIR's planned labels or its recipe's
+    regions (its plans.json), a dataset folder's or dataset.json's labels, or (None) every value in the references."""
+    if source is None:
+        return None, None
+    if (Path(source) / "plans.json").is_file():
+        from decathlete.labels import LabelScheme  # torch: only for a work folder
+        from decathlete.planning.plans import Plans
+
+        scheme = LabelScheme.from_dataset(Plans.load(Path(source) / "plans.json").dataset)
+        return scheme.evaluation_labels(), scheme.ignore_label
+    return labels_from_dataset_json(source), ignore_label_from_dataset_json(source)
+
+
 def parse_tolerances(items: Sequence[str], labels: Mapping[str, Any] | None = None) -> Tolerance:
     """``--nsd-tolerance`` words: ``MM`` for every label, and/or ``LABEL=MM`` pairs (others: the plain number, else
     1 mm). ``LABEL`` is a label name (case-insensitive) or value of ``labels``; without ``labels`` (the references'
