@@ -25,7 +25,7 @@ on a case, in training preprocessing and at inference alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -143,27 +143,34 @@ def _training_cases(dataset: Mapping[str, Any] | None, what: str) -> list[Any]:
     return cases
 
 
-def clipped_foreground_statistics(dataset: Mapping[str, Any] | None, channel: int,
-                                  clip: Sequence[float]) -> tuple[float, float]:
-    """Mean and (population) std of one channel's foreground voxels (label > 0, as the fingerprint's) after clipping
-    to ``clip``, pooled over every voxel of every training case (a global statistic: a large organ weighs more).
+def _clipped_moments(dataset: Mapping[str, Any] | None, what: str, clip: Sequence[float],
+                     values_of: Callable[[Any], np.ndarray]) -> tuple[float, float]:
+    """Mean and (population) std of ``values_of(case)`` clipped to ``clip``, pooled over the training cases.
 
-    Every foreground voxel is read; the sums run in float64 about the clip range's centre, so no cancellation.
+    The sums run in float64 about the clip range's centre, so large intensities cause no cancellation.
     """
-    from decathlete.io.images import read_image, read_label
-
     lo, hi = (float(v) for v in clip)
     centre = (lo + hi) / 2
     total = total_sq = count = 0.0
-    for case in _training_cases(dataset, "ct (clipped statistics)"):
-        image, _ = read_image(case.images, dtype=None)
-        label, _ = read_label(case.label)
-        values = np.clip(image[channel][label > 0].astype(np.float64), lo, hi) - centre
+    for case in _training_cases(dataset, what):
+        values = np.clip(values_of(case).astype(np.float64).ravel(), lo, hi) - centre
         total, total_sq, count = total + values.sum(), total_sq + np.dot(values, values), count + values.size
     if count == 0:
-        raise ValueError(f"no foreground voxels in the training labels of {dataset and dataset.get('root')}")
+        raise ValueError(f"no voxels to measure the {what} statistics on in {dataset and dataset.get('root')}")
     mean = total / count
     return centre + mean, float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+
+
+def clipped_foreground_statistics(dataset: Mapping[str, Any] | None, channel: int,
+                                  clip: Sequence[float]) -> tuple[float, float]:
+    """Mean and std of one channel's foreground voxels (label > 0, as the fingerprint's) after clipping to ``clip``,
+    pooled over every foreground voxel of every training case (a global statistic: a large organ weighs more)."""
+    from decathlete.io.images import read_image, read_label
+
+    def foreground(case: Any) -> np.ndarray:
+        return read_image(case.images, dtype=None)[0][channel][read_label(case.label)[0] > 0]
+
+    return _clipped_moments(dataset, "ct (clipped statistics)", clip, foreground)
 
 
 @register_normalizer("ct")
@@ -197,14 +204,10 @@ def window_statistics(dataset: Mapping[str, Any], channel: int, window: Sequence
     """
     from decathlete.io.images import read_image
 
-    lo, hi = (float(v) for v in window)
-    total = total_sq = count = 0.0
-    for case in _training_cases(dataset, "ct_window"):
-        image, _ = read_image(case.images, dtype=None)
-        values = np.clip(image[channel, ::stride, ::stride, ::stride].astype(np.float64), lo, hi)
-        total, total_sq, count = total + values.sum(), total_sq + (values**2).sum(), count + values.size
-    mean = total / count
-    return mean, float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+    def strided(case: Any) -> np.ndarray:
+        return read_image(case.images, dtype=None)[0][channel, ::stride, ::stride, ::stride]
+
+    return _clipped_moments(dataset, "ct_window", window, strided)
 
 
 @register_normalizer("ct_window")
