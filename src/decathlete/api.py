@@ -1,4 +1,5 @@
-"""The verbs of the command line as Python functions: ``validate``, ``plan``, ``preprocess``, ``train``.
+"""The verbs of the command line as Python functions: ``validate``, ``plan``, ``preprocess``, ``train``,
+``search``.
 
 Each verb that reads a raw dataset validates it completely first, so bad input fails before any work, with every
 problem listed (``DatasetError``).
@@ -126,3 +127,19 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | st
     folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
     return [train_fold(workdir, TrainOptions(configuration=configuration, fold=k, **options), callbacks)
             for k in folds]
+
+
+def search(workdir: str | Path, space: str | Path, trials: int = 20, trial_budget: str | float = "2m",
+           **options: Any) -> dict[str, Any]:
+    """Search the recipe's hyperparameters over ``space`` on one fold (`decathlete.search.study`); resumes or joins
+    the study when it exists. Keyword arguments are the other fields of
+    :class:`decathlete.search.study.SearchOptions` (``configuration``, ``fold``, ``recipe``, ``overrides``,
+    ``sampler``, ``startup_trials``, ``pruner``, ``storage``, ``study``, ``metric``, ``seed``, ``device`` ...).
+
+    Returns:
+        The summary of ``WORKDIR/search/<study>/search.json``: the best trial and its override file, counts per state.
+    """
+    from decathlete.search.run import search as run_search
+    from decathlete.search.study import SearchOptions
+
+    return run_search(workdir, SearchOptions(space=space, trials=trials, trial_budget=trial_budget, **options))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from decathlete import __version__, registry
 from decathlete.io.validation import DatasetError
+from decathlete.search.command import add_search
 
 
 def _workers(value: str) -> int:
@@ -22,10 +23,23 @@ def _workers(value: str) -> int:
     return n
 
 
+def _override_file(path: str) -> list[str]:
+    from decathlete.recipes.base import read_override_file
+    from decathlete.recipes.schema import RecipeError
+
+    try:
+        return read_override_file(path)
+    except RecipeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_set(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help=f"override a recipe field by its dotted name, repeatable (e.g. {what}); the value is JSON or "
                         "a plain string")
+    p.add_argument("--set-file", dest="overrides", action="extend", type=_override_file, metavar="FILE",
+                   help="overrides from a JSON object of dotted fields and values (e.g. a search's "
+                        "best_overrides.json); applied in command-line order with --set")
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -368,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_validate, _add_plan, _add_preprocess, _add_patches, _add_train, _add_predict, _add_crossval,
                 _add_evaluate, _add_demo, _add_list):
         add(sub)
+    add_search(sub, _add_set)
     return parser
 
 

@@ -14,6 +14,7 @@ pseudo-Dice. Writes, under ``WORKDIR/models/<config>/<recipe>/``:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from decathlete.io.datasets import load_dataset
 from decathlete.io.images import read_label, write_image
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
+from decathlete.recipes.base import Recipe
 
 
 def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
@@ -44,28 +46,17 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
     workdir = Path(workdir)
     fold_dirs = resolve_fold_dirs(workdir, configuration, folds, recipe)
     root = fold_dirs[0].parent
-    plans = Plans.load(fold_dirs[0] / "plans.json")
-    dataset = load_dataset(plans.dataset["root"])
-    cases = {c.id: c for c in dataset.training}
-    scheme = LabelScheme.from_dataset(plans.dataset)
-    labels, ignore = scheme.evaluation_labels(), scheme.ignore_label  # regions, for region-based models
     pairs: list[tuple[str, Path, Path]] = []
     for fold_dir in fold_dirs:
-        fold = int(fold_dir.name.split("_")[1])
-        val_ids = fold_split(workdir, plans, fold)["val"]
-        out = fold_dir / "validation"
-        predictor = Predictor(workdir, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
-                              step=step, recipe=root.name, postprocess=False, whole_volume=whole_volume,
-                              overrides=overrides)
-        done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
-                                       progress=progress)
-        fold_pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
-        evaluate_pairs(fold_pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore)
-        pairs += fold_pairs
+        fold = validate_fold(workdir, fold_dir, configuration, checkpoint=checkpoint, device=device, tta=tta,
+                             step=step, workers=workers, overwrite=overwrite, progress=progress,
+                             whole_volume=whole_volume, overrides=overrides)
+        pairs += fold.pairs
+    labels, ignore = fold.labels, fold.ignore_label
     summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json",
                              ignore_label=ignore)
     spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
-    if not predictor.recipe.inference.postprocessing:
+    if not fold.recipe.inference.postprocessing:
         spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
                 "rule": "the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
                         "reported, none is applied"}
@@ -79,6 +70,42 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         result["postprocessed_mean"] = _score_postprocessed(pairs, spec, labels, root, workers, ignore)["mean"]
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
+
+
+@dataclass
+class FoldValidation:
+    """One fold's validation: (case, prediction, reference) triples, their summary, how they were scored, and the
+    model's recipe."""
+
+    pairs: list[tuple[str, Path, Path]]
+    summary: dict[str, Any]
+    labels: dict[str, Any]
+    ignore_label: int | None
+    recipe: Recipe
+
+
+def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str = "3d_fullres", *,
+                  checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None, step: float | None = None,
+                  workers: int = 1, overwrite: bool = False, progress: bool = True, whole_volume: bool = True,
+                  overrides: Sequence[str] = ()) -> FoldValidation:
+    """The model in ``fold_dir`` (``.../fold_<k>``, trained on WORKDIR's split ``k``) predicts that split's validation
+    cases from the raw images into ``fold_dir/validation/`` and scores them there (``summary.json``), without
+    postprocessing."""
+    fold_dir = Path(fold_dir)
+    fold = int(fold_dir.name.split("_")[1])
+    plans = Plans.load(fold_dir / "plans.json")
+    cases = {c.id: c for c in load_dataset(plans.dataset["root"]).training}
+    scheme = LabelScheme.from_dataset(plans.dataset)
+    labels, ignore = scheme.evaluation_labels(), scheme.ignore_label  # regions, for region-based models
+    val_ids = fold_split(workdir, plans, fold)["val"]
+    out = fold_dir / "validation"
+    predictor = Predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
+                          step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
+    done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
+                                   progress=progress)
+    pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
+    summary = evaluate_pairs(pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore)
+    return FoldValidation(pairs, summary, labels, ignore, predictor.recipe)
 
 
 def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, Any], labels: dict[str, Any],

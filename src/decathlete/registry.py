@@ -1,5 +1,6 @@
 """One registry for every pluggable component: networks, layers, losses, recipes, planners, samplers, schedules,
-optimisers, augmentation presets, normalisation schemes and inference tile weightings.
+optimisers, augmentation presets, normalisation schemes, inference tile weightings and hyperparameter-search
+samplers.
 
 A component registers itself with a decorator when its module is imported (the timm pattern), so nothing
 scans folders and nothing reads environment variables. Plans store the registry *key* plus JSON kwargs,
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 KINDS = ("recipes", "nets", "convs", "norms", "activations", "losses", "optimizers", "schedules", "planners",
-         "normalizers", "augmentations", "transforms", "samplers", "tile_weights")
+         "normalizers", "augmentations", "transforms", "samplers", "tile_weights", "search_samplers")
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 _PLUGINS: list[str] = []
@@ -39,6 +40,7 @@ _BUILTIN_MODULES = {
     "transforms": ("decathlete.augment.extra", "decathlete.augment.lesion"),
     "samplers": ("decathlete.data.sampling", "decathlete.data.border_sampling", "decathlete.data.patchset"),
     "tile_weights": ("decathlete.infer.tile_weights",),
+    "search_samplers": ("decathlete.search.samplers",),
 }
 
 
@@ -81,6 +83,8 @@ register_transform = _registrar("transforms", "an extra batch transform "
                                               "``(image, label, generator, **kwargs) -> (image, label)``")
 register_sampler = _registrar("samplers", "a patch sampler class (see `decathlete.data.sampling.PatchSampler`)")
 register_tile_weights = _registrar("tile_weights", "an inference tile weighting ``(patch_size, **kwargs) -> weights``")
+register_search_sampler = _registrar("search_samplers", "a hyperparameter-search sampler "
+                                                        "``(seed, startup_trials) -> optuna.samplers.BaseSampler``")
 
 
 def register_layer(kind: str, name: str) -> Decorator:

@@ -14,6 +14,10 @@
   parameters. `SegmentationNet` measures both on the meta device (no memory, no arithmetic), so a new network plans
   correctly without writing either; a network may replace them with a closed form (the U-Net does, and a test checks
   the two agree).
+* **Plan-free kwargs**: a class lists in ``plan_free_kwargs`` the kwargs that do not shape the plan (dropout,
+  activation): a recipe override of them (``--set net.dropout=0.4``, a search trial) trains on the existing plan, and
+  the model's own ``plans.json`` records the values it was built with. Every other kwarg is planned: changing it
+  means planning again.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class SegmentationNet(nn.Module):
 
     deep_supervision: bool = False
     plan_patch_size: bool = False
+    plan_free_kwargs: tuple[str, ...] = ()
 
     def set_deep_supervision(self, enabled: bool) -> None:
         """Return the deep-supervision list (True, training) or the full-resolution logits only (False)."""

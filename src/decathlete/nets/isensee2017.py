@@ -148,6 +148,8 @@ class Isensee2017UNet(SegmentationNet):
         deep_supervision: accepted for the planner's sake; the network always returns one tensor.
     """
 
+    plan_free_kwargs = ("dropout", "act")
+
     def __init__(self, in_channels: int, num_classes: int, *, spatial_dims: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
                  n_blocks_per_stage: int | Sequence[int] = 1, n_conv_per_stage_decoder: int | Sequence[int] = 1,

@@ -121,6 +121,8 @@ class SegResNet(SegmentationNet):
 
     plan_patch_size = True
 
+    plan_free_kwargs = ("dropout",)
+
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3,
                  features_per_stage: Sequence[int] = (32, 64, 128, 256),
                  kernel_sizes: Sequence[Sequence[int]] | None = None, strides: Sequence[Sequence[int]] | None = None,

@@ -8,7 +8,8 @@ so a model folder never depends on the current defaults of the registered recipe
 
 Overrides use dotted names, on every verb that takes a recipe: ``--set optimizer.lr=3e-4 --set augment.p_elastic=0.2
 --set planning.batch_size=1 --set inference.tile_weighting=constant``. The value is JSON (``3e-4``, ``[1, 10]``,
-``null``, ``{"name": "adam", "kwargs": {"lr": 1e-3}}``) or else a plain string. A component field (a `Spec`) takes
+``null``, ``{"name": "adam", "kwargs": {"lr": 1e-3}}``) or else a plain string; ``--set-file FILE`` reads a JSON
+object of such fields and values (`read_override_file`). A component field (a `Spec`) takes
 ``<field>.name``, ``<field>.kwargs`` or any other key as one of its kwargs; a bare string replaces it by that
 component with its defaults. Unknown keys are errors naming the valid ones: recipe fields are checked here, kwargs
 against the registered component's signature (`validate`).
@@ -219,6 +220,23 @@ class Recipe:
         """The top-level fields among ``keys`` whose values differ between the two recipes."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [k for k in keys if mine[k] != theirs[k]]
+
+
+def read_override_file(path: str | Path) -> list[str]:
+    """The overrides of a JSON file mapping dotted recipe fields to values (``{"optimizer.lr": 3e-3}``, what
+    ``decathlete search`` writes as ``best_overrides.json``), as ``path=value`` assignments in the file's order.
+
+    Raises:
+        RecipeError: the file is missing, is not JSON, or is not an object of dotted names.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RecipeError(f"cannot read the override file {path}: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k.strip() for k in data):
+        raise RecipeError(f"{path}: an override file is a JSON object of dotted recipe fields and values, e.g. "
+                          '{"optimizer.lr": 3e-3, "augment.p_rotation": 0.1}')
+    return [f"{key}={json.dumps(value)}" for key, value in data.items()]
 
 
 # Fields that shape the plan: a model's recipe must agree with the plans it trains on in all of them.

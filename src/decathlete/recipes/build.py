@@ -208,17 +208,42 @@ def with_recipe_regions(dataset: dict[str, Any], recipe: Recipe) -> dict[str, An
             "regions_source": f"recipe {recipe.name}"}
 
 
+def plan_free_kwargs(network: str) -> tuple[str, ...]:
+    """The network's kwargs that do not shape the plan (`decathlete.nets.base`): a recipe may change them."""
+    return tuple(getattr(registry.get("nets", network), "plan_free_kwargs", ()))
+
+
+def _planned_part(recipe: Recipe) -> Recipe:
+    """The recipe without the network kwargs a recipe may change on an existing plan."""
+    free = plan_free_kwargs(recipe.net.name)
+    return replace(recipe, net=Spec(recipe.net.name, {k: v for k, v in recipe.net.kwargs.items() if k not in free}))
+
+
+def trained_configuration(recipe: Recipe, config: Configuration) -> Configuration:
+    """The planned configuration with the recipe's plan-free network kwargs (dropout, activation ...) applied: what the
+    trainer builds and records in the model's ``plans.json``, so that ``predict`` builds the same network."""
+    free = plan_free_kwargs(config.network.name)
+    wanted = json.loads(json.dumps(recipe.net.kwargs))
+    changes = {k: v for k, v in wanted.items() if k in free and config.network.kwargs.get(k) != v}
+    if not changes:
+        return config
+    return replace(config, network=replace(config.network, kwargs={**config.network.kwargs, **changes}))
+
+
 def check_against_plans(recipe: Recipe, plans: Plans, config: Configuration, workdir: str | Path) -> None:
-    """Refuse a recipe that would train on plans made for another network, planner, planning or regions.
+    """Refuse a recipe that would train on plans made for another network, planner, planning or regions (the
+    network's plan-free kwargs aside).
 
     Raises:
         RecipeError: naming what differs and the command that re-plans for this recipe.
     """
     differing = []
     if plans.recipe_settings is not None:
-        differing = recipe.differences(Recipe.from_dict(plans.recipe_settings), PLAN_FIELDS)
+        planned_recipe = _planned_part(Recipe.from_dict(plans.recipe_settings))
+        differing = _planned_part(recipe).differences(planned_recipe, PLAN_FIELDS)
     planned = config.network
-    wanted = json.loads(json.dumps(recipe.net.kwargs))
+    free = plan_free_kwargs(planned.name) if planned.name == recipe.net.name else ()
+    wanted = {k: v for k, v in json.loads(json.dumps(recipe.net.kwargs)).items() if k not in free}
     if planned.name != recipe.net.name or any(planned.kwargs.get(k) != v for k, v in wanted.items()):
         differing = sorted({*differing, "net"})
     if differing:

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,8 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
     model_dir = Path(options.model_dir) if options.model_dir else workdir / "models" / options.configuration / name
     out = model_dir / f"fold_{options.fold}"
     recipe = _resolve_recipe(plans, config, options, out, workdir)
+    config = build.trained_configuration(recipe, config)  # the recipe's dropout, activation ... on the planned net
+    plans = replace(plans, configurations={**plans.configurations, options.configuration: config})
     budget = options.time_budget if options.time_budget is not None else (config.training or {}).get("budget_seconds")
     dev = resolve_device(options.device)
     world = init_world(dev.type)

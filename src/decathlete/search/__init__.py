@@ -1,0 +1,1 @@
+"""Hyperparameter search over any recipe (``decathlete search``): spaces, samplers, the study and its outputs."""
