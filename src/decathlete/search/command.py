@@ -54,6 +54,10 @@ def run_search(args: argparse.Namespace) -> int:
                      tta=False if args.no_tta else None, baseline=not args.no_baseline, seed=args.seed,
                      device=args.device, workers=args.workers, val_iterations=args.val_iterations)
     print(f"trials: {', '.join(f'{n} {k.lower()}' for k, n in summary['counts'].items())}")
+    finished = sum(summary["counts"].get(state, 0) for state in ("COMPLETE", "PRUNED"))
+    if finished < args.trials:
+        print(f"{finished} of {args.trials} trials finished; {summary['running_elsewhere']} still run in other "
+              "workers: run this command again to wait for them, or to take their place if they are gone")
     best = summary["best"]
     if best is None:
         print("no trial finished")

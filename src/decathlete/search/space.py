@@ -22,7 +22,7 @@ log ranges through zero, unknown keys.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,13 +137,24 @@ class SearchSpace:
         ordered = sorted(self.entries, key=lambda e: e.kind != "fixed")
         return {e.path: e.assemble(drawn) for e in ordered}
 
-    def check(self, recipe: Recipe) -> None:
-        """Apply every range end and choice to ``recipe`` and validate it (the space's errors, before any work)."""
-        fixed = [f"{e.path}={json.dumps(e.value)}" for e in self.entries if e.kind == "fixed"]
-        _try(recipe, fixed, self.source, "the fixed entries")
-        for entry in self.entries:
-            for probe in _probes(entry):
-                _try(recipe, [*fixed, f"{entry.path}={json.dumps(probe)}"], self.source, f"'{entry.path}'")
+    def fixed_overrides(self) -> list[str]:
+        return [f"{e.path}={json.dumps(e.value)}" for e in self.entries if e.kind == "fixed"]
+
+    def probes(self) -> list[tuple[str, list[str]]]:
+        """``(entry, overrides)`` that put every range end and every choice into a recipe, after the fixed entries."""
+        fixed = self.fixed_overrides()
+        return [("the fixed entries", fixed)] + [(f"'{e.path}'", [*fixed, f"{e.path}={json.dumps(value)}"])
+                                                  for e in self.entries for value in _probes(e)]
+
+    def check(self, recipe: Recipe, also: Callable[[Recipe], None] | None = None) -> None:
+        """Apply every probe to ``recipe`` and validate it (then ``also``, which may raise `SpaceError`)."""
+        for entry, overrides in self.probes():
+            try:
+                probe = validate(recipe.with_overrides(overrides))
+            except RecipeError as err:
+                raise SpaceError(f"{self.source}: {entry} does not fit recipe '{recipe.name}': {err}") from None
+            if also is not None:
+                also(probe)
 
     def encode(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Optuna's stored form of those ``values`` (by parameter name) that lie inside the space."""
@@ -160,13 +171,6 @@ def _probes(entry: Entry) -> list[Any]:
     if entry.kind == "categorical":
         return list(entry.parameters[0].choices)
     return [entry.assemble(end) for end in ends]
-
-
-def _try(recipe: Recipe, overrides: list[str], source: str, what: str) -> None:
-    try:
-        validate(recipe.with_overrides(overrides))
-    except RecipeError as err:
-        raise SpaceError(f"{source}: {what} does not fit recipe '{recipe.name}': {err}") from None
 
 
 def _parameter(name: str, spec: Any, source: str) -> Parameter:
@@ -235,8 +239,9 @@ def parse_space(data: Any, source: str = "the space") -> SearchSpace:
     return space
 
 
-def load_space(path: str | Path, recipe: Recipe | None = None) -> SearchSpace:
-    """Read and check a space file (against ``recipe`` when given).
+def load_space(path: str | Path, recipe: Recipe | None = None,
+               also: Callable[[Recipe], None] | None = None) -> SearchSpace:
+    """Read and check a space file (against ``recipe`` when given; see `SearchSpace.check`).
 
     Raises:
         SpaceError: naming the file, the entry and the fix.
@@ -247,7 +252,7 @@ def load_space(path: str | Path, recipe: Recipe | None = None) -> SearchSpace:
         raise SpaceError(f"cannot read the search space {path}: {err}") from None
     space = parse_space(data, str(path))
     if recipe is not None:
-        space.check(recipe)
+        space.check(recipe, also)
     return space
 
 

@@ -143,31 +143,18 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
         else get_recipe(name)
     recipe = validate(base.with_overrides(options.overrides))
     build.check_against_plans(recipe, plans, config, workdir)
-    space = load_space(options.space, recipe)
-    for probe in _space_probes(space, recipe):
+    def fits_the_plan(probe: Recipe) -> None:
         try:
             build.check_against_plans(probe, plans, config, workdir)
         except RecipeError as err:
             raise SpaceError(f"{options.space}: a trial cannot change what shapes the plan ({err})") from None
+
+    space = load_space(options.space, recipe, fits_the_plan)
     _check_preprocessed(workdir, plans, options)
     study_name = options.study or f"{recipe.name}-{options.configuration}-fold{options.fold}"
     folder = workdir / "search" / study_name
     url = options.storage or f"sqlite:///{workdir / 'search' / 'search.db'}"
     return Setup(workdir, options, plans, recipe, space, budget_s, study_name, url, folder)
-
-
-def _space_probes(space: SearchSpace, recipe: Recipe) -> list[Recipe]:
-    """The recipe at every choice and range end of the space (the space's own check already passed on them)."""
-    fixed = [o for o in space.overrides({p.name: None for p in space.parameters}) if o.split("=")[0] in
-             {e.path for e in space.entries if e.kind == "fixed"}]
-    probes = []
-    for parameter in space.parameters:
-        values = parameter.choices if parameter.kind == "categorical" else (parameter.low, parameter.high)
-        for value in values:
-            drawn = {p.name: (p.choices[0] if p.kind == "categorical" else p.decode(p.low)) for p in space.parameters}
-            drawn[parameter.name] = parameter.decode(value) if parameter.kind != "categorical" else value
-            probes.append(recipe.with_overrides([*fixed, *space.overrides(drawn)]))
-    return probes
 
 
 def _check_preprocessed(workdir: Path, plans: Plans, options: SearchOptions) -> None:
