@@ -36,18 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from decathlete.io.atomic import write_json_atomic
-
-CLI = [sys.executable, "-m", "decathlete.cli"]
-
-
-def run(args: list[str], log: Path) -> float:
-    """Run one CLI command, its output appended to ``log``; the wall-clock seconds it took."""
-    start = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"\n$ decathlete {' '.join(args)}\n")
-        out.flush()
-        subprocess.run([*CLI, *args], check=True, stdout=out, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+from recipe_vs_default import CLI, run  # the same CLI runner (this folder is on the path)
 
 
 def split(dataset: Path, n_val: int, n_test: int) -> dict[str, list[str]]:

@@ -225,3 +225,15 @@ def write_dicom_series(folder: str | Path, volume: np.ndarray, spacing: Sequence
         writer.Execute(sl)
     return folder
 
+
+
+def tiny_workdir(root: Path, n_cases: int, shape: tuple[int, int, int] = (16, 40, 40)) -> Path:
+    """``root/work``: a generated dataset (`decathlete.synthetic`) planned with the ``tiny`` recipe for 3d_fullres
+    and preprocessed."""
+    from decathlete import api
+    from decathlete.synthetic import make_synthetic_dataset
+
+    raw = make_synthetic_dataset(root / "raw", n_cases=n_cases, shape=shape)
+    api.plan(raw, root / "work", recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"])
+    api.preprocess(root / "work", ["3d_fullres"], workers=1, progress=False)
+    return root / "work"

@@ -12,13 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
-from decathlete import api, registry
+from decathlete import registry
 from decathlete.cli import main
 from decathlete.data import patchset
 from decathlete.planning.plans import Plans
 from decathlete.recipes import build
 from decathlete.recipes.base import Recipe, validate
-from decathlete.synthetic import make_synthetic_dataset
+from synthetic import tiny_workdir
 
 N_TRAIN, N_VAL = 25, 12  # 25: two full blocks of 10 and a short one of 5
 
@@ -26,12 +26,9 @@ N_TRAIN, N_VAL = 25, 12  # 25: two full blocks of 10 and a short one of 5
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic data planned with the tiny recipe, preprocessed, and fold 0's patch set written."""
-    root = tmp_path_factory.mktemp("patchset")
-    data = make_synthetic_dataset(root / "raw", n_cases=8, shape=(16, 40, 40))
-    api.plan(data, root / "work", recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"])
-    api.preprocess(root / "work", ["3d_fullres"], workers=1, progress=False)
-    patchset.write_patch_set(root / "work", "3d_fullres", 0, N_TRAIN, N_VAL, progress=False)
-    return root / "work"
+    work = tiny_workdir(tmp_path_factory.mktemp("patchset"), n_cases=8)
+    patchset.write_patch_set(work, "3d_fullres", 0, N_TRAIN, N_VAL, progress=False)
+    return work
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,6 +28,7 @@ from decathlete.search.samplers import RandomAroundBestSampler, random_around_be
 from decathlete.search.space import SpaceError, current_values, load_space, parse_space
 from decathlete.search.study import SearchError, SearchOptions, prepare
 from decathlete.synthetic import make_synthetic_dataset
+from synthetic import tiny_workdir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "search"
 LR_ROTATION = {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
@@ -40,11 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("search")
-    raw = make_synthetic_dataset(root / "raw", n_cases=6, shape=(16, 40, 40))
-    api.plan(raw, root / "work", recipe="tiny", workers=1, progress=False, configurations=["3d_fullres"])
-    api.preprocess(root / "work", ["3d_fullres"], workers=1, progress=False)
     (root / "space.json").write_text(json.dumps(LR_ROTATION))
-    return root / "work"
+    return tiny_workdir(root, n_cases=6)
 
 
 def _space_file(tmp_path: Path, data: object) -> Path:
