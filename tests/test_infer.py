@@ -346,6 +346,7 @@ def test_channel_files_probabilities_and_resume(workdir: Path, tmp_path: Path) -
         "caseB.nii.gz",
         "caseB.npz",
         "efficiency.json",
+        "provenance.json",
     ]
     with np.load(out / "caseA.npz") as npz:
         probs, values = npz["probabilities"], npz["class_values"]
@@ -364,7 +365,8 @@ def test_dicom_series_folders_are_cases_written_as_nifti_on_their_grid(workdir: 
     volume = np.clip(_test_image(seed=6, shape=(12, 30, 34)), -1000, 3000).astype(np.int16)
     write_dicom_series(inp / "patient1", volume, (2.5, 0.8, 0.7), (-20.0, 15.0, 40.0))
     result = Predictor(workdir, device="cpu", tta=False).predict_folder(inp, out, progress=False)
-    assert result["n_done"] == 1 and sorted(p.name for p in out.iterdir()) == ["efficiency.json", "patient1.nii.gz"]
+    assert result["n_done"] == 1 and sorted(p.name for p in out.iterdir()) == ["efficiency.json", "patient1.nii.gz",
+                                                                               "provenance.json"]
     label, geometry = images.read_label(out / "patient1.nii.gz")
     source = images.read_geometry(inp / "patient1")[0]
     assert label.shape == volume.shape and geometry.same_grid(source) == []
@@ -400,14 +402,14 @@ def test_interrupted_write_leaves_no_complete_looking_file(
     monkeypatch.setattr(images, "_write_nifti", lambda a, g, p: broken(a, g, p, OSError("disk full")))
     with pytest.raises(RuntimeError, match="obl: OSError: disk full"):
         predictor.predict_folder(inp, out, progress=False)
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]  # an entry without a label map: not done
     monkeypatch.setattr(images, "_write_nifti", lambda a, g, p: broken(a, g, p, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C stops the run at once, and still leaves nothing
         predictor.predict_folder(inp, out, progress=False)
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]
     monkeypatch.undo()
     assert predictor.predict_folder(inp, out, progress=False)["n_done"] == 1  # the next run redoes the case
-    assert sorted(p.name for p in out.iterdir()) == ["efficiency.json", "obl.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["efficiency.json", "obl.nii.gz", "provenance.json"]
 
 
 def test_discover_cases(tmp_path: Path) -> None:
@@ -416,14 +418,20 @@ def test_discover_cases(tmp_path: Path) -> None:
     assert discover_cases(tmp_path, 2) == {
         c: [tmp_path / f"{c}_0000.nii.gz", tmp_path / f"{c}_0001.nii.gz"] for c in ("a", "b")
     }
-    # A one-channel model: MSD-like 4-digit names that are not all _0000 are cases, not channels.
-    assert list(discover_cases(tmp_path, 1)) == ["a_0000", "a_0001", "b_0000", "b_0001"]
-    (tmp_path / "b_0001.nii.gz").unlink()
-    with pytest.raises(ValueError, match="b has \\[0\\]"):
-        discover_cases(tmp_path, 2)
-    (tmp_path / "a_0000.nrrd").touch()
-    with pytest.raises(ValueError, match="two images for case 'a_0000'"):
+    # A one-channel model: _0000 + _0001 are two channels of one case, which it cannot take (not two cases).
+    with pytest.raises(ValueError, match="takes 1 channel .*case 'a' has _0000, _0001; case 'b' has _0000, _0001"):
         discover_cases(tmp_path, 1)
+    (tmp_path / "b_0001.nii.gz").unlink()
+    with pytest.raises(ValueError, match="case 'b' has _0000\\."):
+        discover_cases(tmp_path, 2)
+    numbered = tmp_path / "numbered"  # MSD-like case numbers (not from _0000 on) are cases, one file each
+    numbered.mkdir()
+    for name in ("x_0001.nii.gz", "x_0002.nii.gz", "x_0001.nrrd"):
+        (numbered / name).touch()
+    with pytest.raises(ValueError, match="two images for case 'x_0001'"):
+        discover_cases(numbered, 1)
+    (numbered / "x_0001.nrrd").unlink()
+    assert list(discover_cases(numbered, 1)) == ["x_0001", "x_0002"]
 
 
 def test_whole_volume_is_the_default_and_the_cli_can_switch_it_off() -> None:

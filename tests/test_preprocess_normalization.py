@@ -51,7 +51,7 @@ def test_bad_specs_fail_clearly() -> None:
     x = np.ones((1, 2, 2, 2), dtype=np.float32)
     with pytest.raises(ValueError, match="unknown normalisation scheme"):
         norm.normalize(x, [{"scheme": "minmax"}])
-    with pytest.raises(ValueError, match="specs for"):
+    with pytest.raises(ValueError, match="the image has 1 channel\\(s\\), the plan normalises 0"):
         norm.normalize(x, [])
     with pytest.raises(ValueError, match="needs the nonzero mask"):
         norm.normalize(x, [{"scheme": "zscore", "use_nonzero_mask": True}])

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from decathlete import __version__, registry
+from decathlete.errors import CasesFailed
 from decathlete.io.validation import DatasetError
+from decathlete.metrics.command import add_evaluate
 from decathlete.search.command import add_search
 
 
@@ -259,44 +261,6 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score predicted label maps against references",
-                       description="Pair PRED and REF files by case id and write summary.json (per case, mean per "
-                                   "label, foreground mean), a per-case CSV and a box plot per metric: Dice, IoU, "
-                                   "NSD, HD95 (mm, spacing in z, y, x order), sensitivity, precision, counts, "
-                                   "volumes. Empty-mask conventions are written into summary.json.")
-    p.add_argument("pred", help="folder of predicted label maps")
-    p.add_argument("ref", help="folder of reference label maps")
-    p.add_argument("--labels", metavar="DATASET",
-                   help="dataset folder or dataset.json whose labels (and regions) name what is scored, or a "
-                        "WORKDIR (its plans.json: the planned labels or a recipe's regions); default: every "
-                        "non-zero value in the references")
-    p.add_argument("-o", "--output", metavar="FILE", help="summary.json path (default: PRED/summary.json)")
-    p.add_argument("--nsd-tolerance", nargs="+", default=["1"], metavar="[LABEL=]MM",
-                   help="NSD tolerance in mm: one for every label and/or LABEL=MM pairs, LABEL a name or value "
-                        "(default 1, FLARE's; e.g. --nsd-tolerance Mandible=2 Larynx=3)")
-    p.add_argument("-j", "--workers", type=_workers, default=1, help="processes over cases")
-    p.set_defaults(func=_cmd_evaluate)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from decathlete.evaluate import evaluate_folder, labels_to_score, parse_tolerances
-
-    labels, ignore = labels_to_score(args.labels)  # ignore: the label whose voxels count nowhere
-    output = args.output or os.path.join(args.pred, "summary.json")
-    tolerance = parse_tolerances(args.nsd_tolerance, labels)
-    summary = evaluate_folder(args.pred, args.ref, labels, tolerance, workers=args.workers, output=output,
-                              ignore_label=ignore)
-    for name, values in summary["mean"].items():
-        print(f"{name:20s} Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
-    if "efficiency" in summary:
-        from decathlete.metrics.efficiency import describe
-
-        print(describe(summary["efficiency"]))
-    print(f"wrote {output}")
-    return 0
-
-
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
                        description="Generate a synthetic dataset (or use --data DATASET), then validate, plan, "
@@ -380,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for add in (_add_validate, _add_plan, _add_preprocess, _add_patches, _add_train, _add_predict, _add_crossval,
-                _add_evaluate, _add_demo, _add_list):
+                _add_demo, _add_list):
         add(sub)
+    add_evaluate(sub, _workers)
     add_search(sub, _add_set)
     return parser
 
@@ -398,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DatasetError as err:
+        print(f"decathlete {args.verb}: {err}", file=sys.stderr)
+        return 1
+    except CasesFailed as err:
         print(f"decathlete {args.verb}: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:

@@ -102,7 +102,7 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     predictor = Predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
                           step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
     done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
-                                   progress=progress)
+                                   progress=progress, on_conflict="redo")  # the fold's own folder
     pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
     summary = evaluate_pairs(pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore)
     return FoldValidation(pairs, summary, labels, ignore, predictor.recipe)

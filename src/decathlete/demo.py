@@ -82,7 +82,7 @@ def run_demo(workdir: str | Path = "demo_work", data: str | Path | None = None, 
     held_out = json.loads((workdir / "splits.json").read_text())[0]["val"]
     images, labels = _held_out_links(load_dataset(data), held_out, workdir)
     predictions = workdir / "predictions"
-    predict_folder(images, predictions, workdir, "3d_fullres", [0], device=device)
+    predict_folder(images, predictions, workdir, "3d_fullres", [0], device=device, on_conflict="redo")
     lap("predict")
     summary = evaluate_folder(predictions, labels, labels_from_dataset_json(data),
                               output=workdir / "evaluation" / "summary.json")

@@ -105,12 +105,14 @@ def _image_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def pair_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """``(case id, prediction, reference)`` for every case, sorted by id.
+def pair_cases(pred_dir: str | Path, ref_dir: str | Path,
+               only_predicted: bool = False) -> list[tuple[str, Path, Path]]:
+    """``(case id, prediction, reference)`` for every case (with ``only_predicted``: every predicted case; references
+    without a prediction are left out), sorted by id.
 
     Raises:
         FileNotFoundError: a folder does not exist. ValueError: no reference, or cases on one side only
-            (all of them named).
+            (all of them named), or no prediction at all.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for folder, what in ((pred_dir, "prediction"), (ref_dir, "reference")):
@@ -120,8 +122,11 @@ def pair_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[tuple[str, Pat
     if not refs:
         raise ValueError(f"no reference images in {ref_dir}")
     problems = []
-    if missing := sorted(set(refs) - set(preds)):
-        problems.append(f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing)}")
+    if only_predicted and not set(preds) & set(refs):
+        problems.append(f"no prediction in {pred_dir} has a reference in {ref_dir}")
+    elif (missing := sorted(set(refs) - set(preds))) and not only_predicted:
+        problems.append(f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing)} "
+                        "(--only-predicted scores the predicted cases alone)")
     if extra := sorted(set(preds) - set(refs)):
         problems.append(
             f"{len(extra)} prediction(s) have no reference in {ref_dir}: {', '.join(extra)} "
@@ -129,7 +134,7 @@ def pair_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[tuple[str, Pat
         )
     if problems:
         raise ValueError("; ".join(problems))
-    return [(case, preds[case], refs[case]) for case in sorted(refs)]
+    return [(case, preds[case], refs[case]) for case in sorted(refs) if case in preds]
 
 
 def evaluate_case(
@@ -227,6 +232,7 @@ def evaluate_folder(
     output: str | Path | None = None,
     plots: bool = True,
     ignore_label: int | None = None,
+    only_predicted: bool = False,
 ) -> dict[str, Any]:
     """Score every prediction in `pred_dir` against its reference in `ref_dir`.
 
@@ -240,6 +246,8 @@ def evaluate_folder(
         plots: write the box plots (with `output`).
         ignore_label: reference value of unannotated voxels (e.g. from `ignore_label_from_dataset_json`): they count
             nowhere and the value is no label; None: every voxel counts.
+        only_predicted: score the predicted cases even when references lack a prediction; the summary's
+            ``left_out`` names those references (otherwise they are an error).
 
     Returns:
         The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``, and
@@ -250,11 +258,19 @@ def evaluate_folder(
         FileNotFoundError / ValueError: missing folders, unpaired cases, off-grid predictions, bad labels or
             tolerances, or no foreground label in the references when `labels` is None.
     """
-    pairs = pair_cases(pred_dir, ref_dir)
+    pairs = pair_cases(pred_dir, ref_dir, only_predicted)
+    extra: dict[str, Any] = {}
+    if only_predicted:
+        scored = {case for case, _, _ in pairs}
+        left_out = sorted(set(_image_files(Path(ref_dir))) - scored)
+        extra["left_out"] = {"n_reference_cases": len(scored) + len(left_out), "n_scored": len(scored),
+                             "n_left_out": len(left_out), "cases": left_out,
+                             "why": "no prediction (evaluate --only-predicted)"}
     # The prediction run's cost (``efficiency.json``, written by ``predict``) over the scored cases, when recorded.
-    efficiency = efficiency_of(pred_dir, [case for case, _, _ in pairs])
+    if efficiency := efficiency_of(pred_dir, [case for case, _, _ in pairs]):
+        extra["efficiency"] = efficiency
     return evaluate_pairs(pairs, labels, nsd_tolerance_mm, workers, output, plots, where=str(ref_dir),
-                          ignore_label=ignore_label, extra={"efficiency": efficiency} if efficiency else None)
+                          ignore_label=ignore_label, extra=extra or None)
 
 
 def evaluate_pairs(

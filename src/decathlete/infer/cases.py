@@ -35,6 +35,13 @@ def _split_suffix(path: Path) -> tuple[str, str] | None:
     return (stem, suffix) if suffix.lower() in SUPPORTED_SUFFIXES else None
 
 
+def channel_files(n_channels: int) -> str:
+    """How many channels a model takes, with their nnU-Net file suffixes."""
+    if n_channels == 1:
+        return "1 channel (one file per case, or <case>_0000)"
+    return f"{n_channels} channels (<case>_0000 .. <case>_{n_channels - 1:04d})"
+
+
 def output_ending(image: Path) -> str:
     """The input's own file ending; ``.nii.gz`` for a DICOM series (a folder)."""
     split = _split_suffix(image)
@@ -45,10 +52,11 @@ def discover_cases(folder: str | Path, n_channels: int) -> dict[str, list[Path]]
     """Cases of an input folder: case id -> image files in channel order.
 
     nnU-Net layout when EVERY image is named ``<case>_<4 digits><ending>`` and every case has exactly channels
-    ``0000 .. n_channels - 1``; otherwise one file per case (its name without suffix is the case id), so MSD-style
-    names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases, not channels. A sub-folder holding
-    files is a DICOM series (one single-channel case named after the folder, written as ``.nii.gz``). Hidden files
-    and folders (the temporaries of atomic writes) are ignored.
+    ``0000 .. n_channels - 1``. Channel files numbered from ``_0000`` whose count disagrees with the model (``_0000`` +
+    ``_0001`` for a one-channel model) are an error naming the cases. Otherwise one file per case (its name without
+    suffix is the case id), so MSD-style names such as ``hippocampus_0001.nii.gz`` of a one-channel model are cases.
+    A sub-folder holding files is a DICOM series (one single-channel case named after the folder, written as
+    ``.nii.gz``). Hidden files and folders (the temporaries of atomic writes) are ignored.
 
     Raises:
         FileNotFoundError: no images. ValueError: incomplete channel files, or two files with the same case id.
@@ -78,11 +86,15 @@ def discover_cases(folder: str | Path, n_channels: int) -> dict[str, list[Path]]
         wanted = list(range(n_channels))
         if all(sorted(g) == wanted for g in groups.values()):
             return {cid: [g[c] for c in wanted] for cid, g in sorted(groups.items())}
-        if n_channels > 1:
-            bad = [f"{cid} has {sorted(g)}" for cid, g in sorted(groups.items()) if sorted(g) != wanted]
+        # nnU-Net numbers channels from _0000 on: groups that do so are channel files even when their count is wrong
+        # (MSD-style case numbers such as case_0001, case_0002 ... are not: they do not start at _0000)
+        if n_channels > 1 or all(sorted(g) == list(range(len(g))) for g in groups.values()):
+            bad = [f"case '{cid}' has {', '.join(f'_{c:04d}' for c in sorted(g))}"
+                   for cid, g in sorted(groups.items()) if sorted(g) != wanted]
             raise ValueError(
-                f"{folder}: channel files incomplete for a {n_channels}-channel model "
-                f"(need _0000 .. _{n_channels - 1:04d}): {'; '.join(bad)}"
+                f"{folder}: the model takes {channel_files(n_channels)}, but {'; '.join(bad)}. Give each case exactly "
+                "those channel files; separate one-channel cases named <name>_<4 digits> need their own _0000 "
+                "suffix (e.g. case_0001_0000.nii.gz)"
             )
     cases: dict[str, list[Path]] = {}
     for path, stem in files.items():

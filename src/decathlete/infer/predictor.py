@@ -41,10 +41,12 @@ from tqdm.auto import tqdm
 
 from decathlete import registry
 from decathlete.devices import memory_format, resolve_device
+from decathlete.errors import CasesFailed
 from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
 from decathlete.infer.efficiency import EfficiencyMeter, phase
 from decathlete.infer.models import model_recipe, resolve_fold_dirs, trained_folds
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
+from decathlete.infer.provenance import Provenance, file_digest
 from decathlete.infer.sliding_window import sliding_window_predict
 from decathlete.io.atomic import is_temporary_of, write_atomic
 from decathlete.io.checkpoint import FINAL, load_checkpoint
@@ -169,6 +171,7 @@ class Predictor:
         self.num_classes = self.labels.num_outputs
         # Preprocessing reads exactly the JSON the training cache was made from (the plan's transposition included).
         self.preprocessing = self.plans.preprocessing_config(configuration)
+        self.checkpoint = checkpoint
         self.networks = [self._load(d, checkpoint) for d in self.fold_dirs]
         self.postprocessing = load_postprocessing(self.fold_dirs[0].parent) if postprocess else None
 
@@ -238,6 +241,14 @@ class Predictor:
             label = apply_postprocessing(label, self.postprocessing)
         return label, full, Geometry.from_dict(case.properties["geometry"])
 
+    def run_description(self) -> dict[str, Any]:
+        """What makes this run's label maps what they are (`decathlete.infer.provenance`): the weights by content,
+        so a model folder that was moved or copied is still the same model."""
+        return {"folds": [d.name for d in self.fold_dirs], "checkpoints": [
+                    file_digest(d / self.checkpoint) for d in self.fold_dirs], "configuration": self.config_name,
+                "inference": self.recipe.to_dict()["inference"], "mirror_axes": list(self.mirror_axes),
+                "step": self.step, "whole_volume": self.whole_volume, "postprocessing": self.postprocessing}
+
     def efficiency_meter(self) -> EfficiencyMeter:
         """A meter of this model's per-case cost (`decathlete.infer.efficiency`)."""
         def make() -> torch.nn.Module:
@@ -263,11 +274,14 @@ class Predictor:
         return label, full
 
     def predict_folder(self, input_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False,
-                       save_probabilities: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                       save_probabilities: bool = False, progress: bool = True,
+                       on_conflict: str = "refuse") -> dict[str, Any]:  # fmt: skip
         """Segment every case of ``input_dir`` into ``output_dir/<case><ending>`` (resumable).
 
-        A case whose output exists is skipped unless ``overwrite``. Files are written atomically (label last), so an
-        interrupted run leaves no file that looks complete and the next run redoes exactly the unfinished cases.
+        A case whose output this model with these settings already wrote is skipped unless ``overwrite``; one that
+        another model or other settings wrote is refused (``FileExistsError`` naming what differs). Files are
+        written atomically (label last), so an interrupted run leaves no file that looks complete and the next run
+        redoes exactly the unfinished cases.
 
         Args:
             input_dir: images, one file per case or nnU-Net ``<case>_0000<ending>`` channel files.
@@ -276,11 +290,13 @@ class Predictor:
             save_probabilities: also write ``<case>.npz`` with float16 ``probabilities`` (K, z, y, x) on the
                 input grid and ``class_values`` (the label, or region order, of each channel).
             progress: show a progress bar.
+            on_conflict: ``"refuse"`` outputs another model or other settings made, or predict them ``"redo"``.
 
         Returns:
             ``{"n_cases", "n_done", "n_skipped", "seconds", "folds", "skipped_folds", "case_seconds", "outputs",
             "efficiency"}`` (outputs: case id -> file; folds: the fold folders ensembled; skipped_folds: unfinished
             ones left out; efficiency: the ``efficiency.json`` written, None when no case was predicted).
+            ``OUT/provenance.json`` records which run made each output.
 
         Raises:
             ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
@@ -290,11 +306,16 @@ class Predictor:
         check_output_folder(input_dir, output_dir)
         cases = discover_cases(input_dir, self.n_channels)
         return self.predict_cases(cases, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
-                                  progress=progress)
+                                  progress=progress, on_conflict=on_conflict)
 
     def predict_cases(self, cases: Mapping[str, Sequence[Path]], output_dir: str | Path, *, overwrite: bool = False,
-                      save_probabilities: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-        """`predict_folder` for given cases: case id -> image file(s) (one per channel, in channel order)."""
+                      save_probabilities: bool = False, progress: bool = True,
+                      on_conflict: str = "refuse") -> dict[str, Any]:  # fmt: skip
+        """`predict_folder` for given cases: case id -> image file(s) (one per channel, in channel order).
+
+        An output another model or other settings made (`decathlete.infer.provenance`) is refused (``on_conflict``
+        ``"refuse"``, with the fix) or predicted again (``"redo"``, for folders the caller owns).
+        """
         start = time.perf_counter()
         output_dir = Path(output_dir)
         cases = {cid: [Path(p) for p in paths] for cid, paths in cases.items()}
@@ -304,8 +325,16 @@ class Predictor:
         for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
             if stale.is_file() and any(is_temporary_of(stale, n) for n in finals):
                 stale.unlink(missing_ok=True)
+        provenance = Provenance(output_dir, self.run_description())
+        existing = [cid for cid in cases if targets[cid].exists()]
+        conflicts = {} if overwrite else provenance.conflicts(existing)
+        if conflicts and on_conflict == "refuse":
+            raise FileExistsError(
+                f"{output_dir} already holds predictions of {len(conflicts)} of these cases (e.g. "
+                f"{next(iter(conflicts))}) made with another model or settings ({provenance.explain(conflicts)}); "
+                "predict into another folder (-o), or replace them with --overwrite")
         npz_missing = {cid: save_probabilities and not (output_dir / f"{cid}.npz").exists() for cid in cases}
-        todo = [cid for cid in cases if overwrite or npz_missing[cid] or not targets[cid].exists()]
+        todo = [cid for cid in cases if overwrite or npz_missing[cid] or cid in conflicts or cid not in existing]
         seconds, failed, costs = {}, {}, {}
         meter = self.efficiency_meter()
         for cid in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
@@ -313,6 +342,7 @@ class Predictor:
             try:
                 with meter.case(cost := {}) as phases:
                     label, full, geometry = self._predict(cases[cid], cid, save_probabilities, phases)
+                    provenance.record(cid)  # before the label map: an entry without one is simply redone
                     with phase(phases, "export"):
                         if full is not None:
                             _save_probabilities(output_dir / f"{cid}.npz", full, self.class_values)
@@ -327,8 +357,7 @@ class Predictor:
                 model=str(self.fold_dirs[0].parent), configuration=self.config_name, recipe=self.recipe.name,
                 folds=[d.name for d in self.fold_dirs], mirror_axes=list(self.mirror_axes)), costs)
         if failed:
-            details = "; ".join(f"{cid}: {err}" for cid, err in sorted(failed.items()))
-            raise RuntimeError(f"{len(failed)} of {len(todo)} cases failed: {details}")
+            raise CasesFailed(failed, len(todo), output_dir)
         n = len(cases)
         return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
                 "folds": [d.name for d in self.fold_dirs], "skipped_folds": self.skipped_folds,
@@ -338,13 +367,12 @@ class Predictor:
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
                    folds: Sequence[int] | str | None = None, *, overwrite: bool = False,
-                   save_probabilities: bool = False, progress: bool = True,
+                   save_probabilities: bool = False, progress: bool = True, on_conflict: str = "refuse",
                    **predictor_kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """`Predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) + `Predictor.predict_folder`."""
     predictor = Predictor(model, configuration, folds, **predictor_kwargs)
-    return predictor.predict_folder(
-        input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress
-    )
+    return predictor.predict_folder(input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
+                                    progress=progress, on_conflict=on_conflict)
 
 
 def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:

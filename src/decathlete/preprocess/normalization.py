@@ -274,7 +274,8 @@ def normalize(data: np.ndarray, specs: Sequence[Mapping[str, Any]], mask: np.nda
     if data.ndim != 4:
         raise ValueError(f"normalize expects (C, z, y, x), got shape {data.shape}")
     if len(specs) != data.shape[0]:
-        raise ValueError(f"{len(specs)} normalisation specs for {data.shape[0]} channels")
+        raise ValueError(f"the image has {data.shape[0]} channel(s), the plan normalises {len(specs)}: give images "
+                         f"with {len(specs)} channel(s), as in training")
     out = np.empty(data.shape, dtype=np.float32)
     for c, spec in enumerate(specs):
         name = spec.get("scheme")
