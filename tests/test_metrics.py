@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
-from pathlib import Path
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from scipy import ndimage
 from decathlete.metrics import METRICS, case_metrics, label_metrics, overlap_metrics, surface_metrics
 from decathlete.metrics.surface import distances_to, surfel_area_table
 
-REF_PYTHON = Path("/work/refenv/bin/python")
+# MONAI is a test extra, so the agreement is checked wherever the suite runs (CI included).
+HAS_MONAI = importlib.util.find_spec("monai") is not None
 ANISO = (3.0, 1.0, 1.0)  # (z, y, x) mm: slices 3 mm apart
 
 
@@ -139,8 +141,8 @@ print(json.dumps(out))
 @pytest.mark.slow  # ~10 s, nearly all of it MONAI's import
 def test_agrees_with_monai(tmp_path):
     """NSD vs compute_surface_dice(use_subvoxels=True), HD95 vs compute_hausdorff_distance(percentile=95)."""
-    if not REF_PYTHON.exists():
-        pytest.skip(f"no reference environment at {REF_PYTHON}")
+    if not HAS_MONAI:
+        pytest.skip("MONAI is not installed in this environment: pip install -e '.[test]'")
     cases = _random_blobs(np.random.default_rng(7), 10)
     spec = []
     for i, c in enumerate(cases):
@@ -150,10 +152,10 @@ def test_agrees_with_monai(tmp_path):
                      "spacing": list(c["spacing"]), "tau": c["tau"]})  # fmt: skip
     (tmp_path / "cases.json").write_text(json.dumps(spec))
     (tmp_path / "monai_metrics.py").write_text(MONAI_SCRIPT)
-    run = subprocess.run([str(REF_PYTHON), str(tmp_path / "monai_metrics.py"), str(tmp_path / "cases.json")],
+    run = subprocess.run([sys.executable, str(tmp_path / "monai_metrics.py"), str(tmp_path / "cases.json")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     if run.returncode == 3 and "IMPORT-FAILED" in run.stdout:
-        pytest.skip(f"MONAI not importable in {REF_PYTHON}: {run.stdout.strip()[-200:]}")
+        pytest.fail(f"MONAI is installed but does not import: {run.stdout.strip()[-200:]}")
     assert run.returncode == 0, run.stderr[-2000:]
     monai = json.loads(run.stdout.strip().splitlines()[-1])
     ours = [surface_metrics(c["pred"], c["ref"], c["spacing"], c["tau"]) for c in cases]

@@ -75,7 +75,7 @@ def test_group_norm_takes_the_largest_group_count_that_divides() -> None:
 def test_parameter_count_matches_monai(dims: int) -> None:
     """Same settings as MONAI's SegResNet / SegResNetVAE (estimated std, 128 latent dimensions). Ours gives the VAE
     its own decoder where MONAI reuses the segmentation decoder: exactly those parameters more."""
-    nets = pytest.importorskip("monai.networks.nets", reason="MONAI is not installed (only the bench venv has it)")
+    nets = pytest.importorskip("monai.networks.nets", reason="MONAI (a test extra) is not installed")
     patch = (32, 48, 64)[-dims:]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     ours = SegResNet(4, 3, spatial_dims=dims, features_per_stage=(32, 64, 128, 256))
