@@ -236,7 +236,12 @@ def read_override_file(path: str | Path) -> list[str]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and k.strip() for k in data):
         raise RecipeError(f"{path}: an override file is a JSON object of dotted recipe fields and values, e.g. "
                           '{"optimizer.lr": 3e-3, "augment.p_rotation": 0.1}')
-    return [f"{key}={json.dumps(value)}" for key, value in data.items()]
+    return assignments(data)
+
+
+def assignments(values: Mapping[str, Any]) -> list[str]:
+    """``path=value`` overrides (JSON values) of a mapping of dotted recipe fields to values, in its order."""
+    return [f"{path}={json.dumps(value)}" for path, value in values.items()]
 
 
 # Fields that shape the plan: a model's recipe must agree with the plans it trains on in all of them.

@@ -25,7 +25,7 @@ from decathlete.labels import LabelScheme, check_regions
 from decathlete.losses.base import LossContext, TrainingLoss
 from decathlete.losses.deep_supervision import ds_weights
 from decathlete.planning.plans import Configuration, Plans
-from decathlete.recipes.base import PLAN_FIELDS, Recipe, RecipeError, Spec
+from decathlete.recipes.base import PLAN_FIELDS, Recipe, RecipeError, Spec, get_recipe
 
 
 def build_network(config: Configuration, plans: Plans) -> torch.nn.Module:
@@ -206,6 +206,14 @@ def with_recipe_regions(dataset: dict[str, Any], recipe: Recipe) -> dict[str, An
         raise RecipeError(f"recipe '{recipe.name}' regions do not fit {dataset.get('name')}: {'; '.join(problems)}")
     return {**dataset, "regions": {k: list(v) for k, v in regions.items()}, "regions_class_order": list(order),
             "regions_source": f"recipe {recipe.name}"}
+
+
+def plans_recipe(plans: Plans, name: str | None = None) -> Recipe:
+    """The recipe ``name`` as the plans resolved it when they were made for it (overrides included), else the
+    registered one (None: the plans' own)."""
+    if plans.recipe_settings is not None and name in (None, plans.recipe):
+        return Recipe.from_dict(plans.recipe_settings)
+    return get_recipe(name or plans.recipe)
 
 
 def plan_free_kwargs(network: str) -> tuple[str, ...]:

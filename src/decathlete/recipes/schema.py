@@ -69,6 +69,18 @@ def assign(data: dict[str, Any], tp: Any, segments: list[str], value: Any, path:
     assign(child, child_tp, rest, value, path, f"{parent}.{key}" if parent else key)
 
 
+def lookup(data: Any, segments: list[str]) -> Any:
+    """The value at ``segments`` of a dataclass's JSON form, with `assign`'s rule that a `Spec`'s other keys are its
+    kwargs; None where nothing is set."""
+    for key in segments:
+        if isinstance(data, dict) and set(data) == {"name", "kwargs"} and key not in data:
+            data = data["kwargs"]
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
 def from_data(cls: type, data: Any, path: str) -> Any:
     if isinstance(data, cls):
         return data

@@ -29,8 +29,8 @@ from typing import Any
 
 import optuna
 
-from decathlete.recipes.base import Recipe, validate
-from decathlete.recipes.schema import RecipeError
+from decathlete.recipes.base import Recipe, assignments, validate
+from decathlete.recipes.schema import RecipeError, lookup
 
 SCALARS = (type(None), bool, int, float, str)
 _KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"},
@@ -127,18 +127,18 @@ class SearchSpace:
         """JSON values by parameter name from a finished trial's stored ``params``."""
         return {p.name: p.decode(params[p.name]) for p in self.parameters if p.name in params}
 
-    def overrides(self, drawn: Mapping[str, Any]) -> list[str]:
-        """``path=value`` assignments: fixed entries first, then the drawn ones, each in file order."""
-        ordered = sorted(self.entries, key=lambda e: e.kind != "fixed")
-        return [f"{e.path}={json.dumps(e.assemble(drawn))}" for e in ordered]
-
     def override_values(self, drawn: Mapping[str, Any]) -> dict[str, Any]:
-        """The same as a JSON object (an override file for ``--set-file``)."""
+        """Recipe field -> value: fixed entries first, then the drawn ones, each in file order (the content of an
+        override file for ``--set-file``)."""
         ordered = sorted(self.entries, key=lambda e: e.kind != "fixed")
         return {e.path: e.assemble(drawn) for e in ordered}
 
+    def overrides(self, drawn: Mapping[str, Any]) -> list[str]:
+        """The same as ``path=value`` assignments."""
+        return assignments(self.override_values(drawn))
+
     def fixed_overrides(self) -> list[str]:
-        return [f"{e.path}={json.dumps(e.value)}" for e in self.entries if e.kind == "fixed"]
+        return assignments({e.path: e.value for e in self.entries if e.kind == "fixed"})
 
     def probes(self) -> list[tuple[str, list[str]]]:
         """``(entry, overrides)`` that put every range end and every choice into a recipe, after the fixed entries."""
@@ -261,7 +261,7 @@ def current_values(space: SearchSpace, recipe: dict[str, Any], defaults: Mapping
     dotted path fill what the recipe leaves to a preset), for the parameters whose value is known."""
     found: dict[str, Any] = {}
     for entry in space.entries:
-        value = _lookup(recipe, entry.path)
+        value = lookup(recipe, entry.path.split("."))
         if value is None:
             value = dict(defaults).get(entry.path)
         if entry.kind == "list" and isinstance(value, Sequence) and len(value) == len(entry.items):
@@ -269,13 +269,3 @@ def current_values(space: SearchSpace, recipe: dict[str, Any], defaults: Mapping
         elif entry.parameters and entry.kind != "list" and value is not None:
             found[entry.parameters[0].name] = value
     return found
-
-
-def _lookup(data: Any, path: str) -> Any:
-    for key in path.split("."):
-        if isinstance(data, dict) and set(data) == {"name", "kwargs"} and key not in data:
-            data = data["kwargs"]
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data

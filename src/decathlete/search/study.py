@@ -34,9 +34,9 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from decathlete.planning.budget import parse_duration
-from decathlete.planning.plans import Plans
+from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes import build
-from decathlete.recipes.base import Recipe, get_recipe, validate
+from decathlete.recipes.base import Recipe, validate
 from decathlete.recipes.schema import RecipeError, parse_value
 from decathlete.registry import get, names
 from decathlete.search.space import SearchSpace, SpaceError, current_values, load_space
@@ -138,11 +138,9 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
     if options.trials < 1:
         raise SearchError(f"--trials must be at least 1, got {options.trials}")
     budget_s = parse_duration(options.trial_budget)
-    name = options.recipe or plans.recipe
-    base = Recipe.from_dict(plans.recipe_settings) if plans.recipe_settings and name == plans.recipe \
-        else get_recipe(name)
-    recipe = validate(base.with_overrides(options.overrides))
+    recipe = validate(build.plans_recipe(plans, options.recipe).with_overrides(options.overrides))
     build.check_against_plans(recipe, plans, config, workdir)
+
     def fits_the_plan(probe: Recipe) -> None:
         try:
             build.check_against_plans(probe, plans, config, workdir)
@@ -150,18 +148,17 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
             raise SpaceError(f"{options.space}: a trial cannot change what shapes the plan ({err})") from None
 
     space = load_space(options.space, recipe, fits_the_plan)
-    _check_preprocessed(workdir, plans, options)
+    _check_preprocessed(workdir, plans, config, options)
     study_name = options.study or f"{recipe.name}-{options.configuration}-fold{options.fold}"
     folder = workdir / "search" / study_name
     url = options.storage or f"sqlite:///{workdir / 'search' / 'search.db'}"
     return Setup(workdir, options, plans, recipe, space, budget_s, study_name, url, folder)
 
 
-def _check_preprocessed(workdir: Path, plans: Plans, options: SearchOptions) -> None:
+def _check_preprocessed(workdir: Path, plans: Plans, config: Configuration, options: SearchOptions) -> None:
     from decathlete.data.splits import fold_split
     from decathlete.preprocess.cache import list_cases
 
-    config = plans.configuration(options.configuration)
     split = fold_split(workdir, plans, options.fold)
     have = set(list_cases(workdir / "preprocessed" / config.data_identifier))
     missing = sorted((set(split["train"]) | set(split["val"])) - have)

@@ -26,7 +26,7 @@ from decathlete.io import checkpoint as ckpt
 from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes import build
-from decathlete.recipes.base import Recipe, get_recipe, saved_recipe, validate
+from decathlete.recipes.base import Recipe, saved_recipe, validate
 from decathlete.train import run as records
 from decathlete.train.batches import TrainBatches, ValidationBatches
 from decathlete.train.clock import TrainingClock, budget_spent, extended_anchor, refit_epochs
@@ -168,10 +168,8 @@ def _resolve_recipe(plans: Plans, config: Configuration, options: TrainOptions, 
     saved = saved_recipe(out) if options.resume else None
     if saved is not None and options.recipe in (None, saved.name):
         base = saved
-    elif plans.recipe_settings is not None and options.recipe in (None, plans.recipe):
-        base = Recipe.from_dict(plans.recipe_settings)
     else:
-        base = get_recipe(options.recipe or plans.recipe)
+        base = build.plans_recipe(plans, options.recipe)
     planned = config.training or {}
     lengths = [f"{key}={value}" for key, value in (
         ("epochs", options.epochs or planned.get("epochs")),
