@@ -53,7 +53,7 @@ def test_validate_plan_preprocess(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert sorted(p.name for p in out_dir.glob("*.json")) == [f"case_{i:03d}.json" for i in range(4)]
     assert snapshot(data) == before  # the raw dataset is never written to
     capsys.readouterr()
-    assert main(["preprocess", str(work), "-c", "3d_fullres", "-j", "1"]) == 0  # resumes: everything skipped
+    assert main(["preprocess", str(work), "-c", "3d_fullres", "-j", "1", "--json"]) == 0  # resumes: all skipped
     summary = json.loads(capsys.readouterr().out)
     assert summary["3d_fullres"]["n_skipped"] == 4 and summary["3d_fullres"]["n_done"] == 0
 

@@ -1,47 +1,27 @@
 """``decathlete <verb>``: the command line (see ../shared/docs/cli-contract.md and the README).
 
-Every verb is a thin wrapper over a function of :mod:`decathlete.api`, so the same work is callable from Python.
+Every verb is a thin wrapper over a function of :mod:`decathlete.api`, so the same work is callable from Python. A
+verb's ``func`` does the work and returns its result; its ``show`` prints a short human summary of it and returns the
+exit status. With ``--json`` the result is printed as JSON on stdout instead, and everything else goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from decathlete import __version__, registry
+from decathlete.cli_options import add_json, add_set, workers
 from decathlete.errors import CasesFailed
 from decathlete.io.validation import DatasetError
 from decathlete.metrics.command import add_evaluate
 from decathlete.search.command import add_search
-
-
-def _workers(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("workers must be >= 1")
-    return n
-
-
-def _override_file(path: str) -> list[str]:
-    from decathlete.recipes.base import read_override_file
-    from decathlete.recipes.schema import RecipeError
-
-    try:
-        return read_override_file(path)
-    except RecipeError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _add_set(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help=f"override a recipe field by its dotted name, repeatable (e.g. {what}); the value is JSON or "
-                        "a plain string")
-    p.add_argument("--set-file", dest="overrides", action="extend", type=_override_file, metavar="FILE",
-                   help="overrides from a JSON object of dotted fields and values (e.g. a search's "
-                        "best_overrides.json); applied in command-line order with --set")
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +29,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
                        description="Check a raw dataset (MSD or nnU-Net v2 layout) without writing anything. "
                                    "Exit status 1 when any problem is found.")
     p.add_argument("dataset", help="dataset folder containing dataset.json")
-    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+    p.add_argument("-j", "--workers", type=workers, default=min(4, os.cpu_count() or 1),
                    help="processes for reading voxel data (default: up to 4)")
     p.set_defaults(func=_cmd_validate)
 
@@ -65,8 +45,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="memory budget the patch and batch size are fitted to (default 8)")
     p.add_argument("--planner", help="registered planner (default: the recipe's; see `decathlete list planners`)")
     p.add_argument("--recipe", default="default", help="registered recipe (see `decathlete list recipes`)")
-    _add_set(p, "planning.batch_size=1 or planning.target_spacing=[2.5,0.8,0.8]")
-    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+    add_set(p, "planning.batch_size=1 or planning.target_spacing=[2.5,0.8,0.8]")
+    p.add_argument("-j", "--workers", type=workers, default=min(4, os.cpu_count() or 1),
                    help="processes for validation and fingerprinting")
     p.add_argument("--time-budget", metavar="DURATION",
                    help="training wall-clock budget per configuration (e.g. 20m, 6h): the network is narrowed and "
@@ -75,6 +55,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG",
                    help="keep only these configurations (e.g. 3d_fullres; saves probing time with a budget)")
     p.set_defaults(func=_cmd_plan)
+    add_json(p, _show_plan)
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -85,9 +66,10 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("workdir", help="work folder written by `decathlete plan`")
     p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG",
                    help="configurations to preprocess (default: all in plans.json)")
-    p.add_argument("-j", "--workers", type=_workers, default=min(4, os.cpu_count() or 1),
+    p.add_argument("-j", "--workers", type=workers, default=min(4, os.cpu_count() or 1),
                    help="parallel cases (peak memory grows with one case per worker)")
     p.set_defaults(func=_cmd_preprocess)
+    add_json(p, _show_preprocess)
 
 
 def _add_patches(sub: argparse._SubParsersAction) -> None:
@@ -105,18 +87,22 @@ def _add_patches(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", type=int, required=True, metavar="N", help="validation patches (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     p.set_defaults(func=_cmd_patches)
+    add_json(p, _show_patches)
 
 
-def _cmd_patches(args: argparse.Namespace) -> int:
-    from decathlete.data.patchset import write_patch_set
-    from decathlete.data.splits import fold_count
+def _cmd_patches(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from decathlete.api import patches
 
-    folds = range(fold_count(args.workdir)) if args.fold == "all" else [int(args.fold)]
-    for fold in folds:
-        summary = write_patch_set(args.workdir, args.configuration, fold, args.train, args.val, seed=args.seed)
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    return patches(args.workdir, args.configuration, fold, n_train=args.train, n_val=args.val, seed=args.seed)
+
+
+def _show_patches(summaries: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    for summary in summaries:
         for kind in ("train", "val"):
             s = summary[kind]
-            print(f"fold {fold} {kind:5s} {s['n']} patches from {s['cases_drawn']}/{s['n_cases']} cases, "
+            print(f"{Path(summary['folder']).name} {kind:5s} {s['n']} patches from {s['cases_drawn']}/{s['n_cases']} "
+                  "cases, "
                   f"{100 * s['forced_fraction']:.0f}% forced foreground, {s['bytes'] / 1e6:.1f} MB, "
                   f"{s['seconds']:.1f} s ({s['status']}): {s['path']}")
     return 0
@@ -140,7 +126,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
     p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
     p.add_argument("--recipe", help="registered recipe (default: the one the plans were made with)")
-    _add_set(p, "optimizer.lr=3e-4 or augment.p_elastic=0.2")
+    add_set(p, "optimizer.lr=3e-4 or augment.p_elastic=0.2")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="folder for fold_<k>/ (default WORKDIR/models/<config>/<recipe>); one per run of a recipe")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
@@ -158,19 +144,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="wall-clock cap (e.g. 20m): the schedule anneals over it and training stops in time for a "
                         "final validation and checkpoint (default: the plan's budget, if it was planned with one)")
     p.set_defaults(func=_cmd_train)
+    add_json(p, lambda summaries, args: 0)  # the training log ends with each fold's summary line
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     from decathlete.api import train
 
-    folds = args.fold
-    for summary in train(args.workdir, args.configuration, folds if folds == "all" else int(folds),
-                         recipe=args.recipe, overrides=args.overrides, epochs=args.epochs,
-                         iterations_per_epoch=args.iterations_per_epoch, val_iterations=args.val_iterations,
-                         device=args.device, resume=args.resume, seed=args.seed, num_workers=args.workers,
-                         compile=args.compile, time_budget=args.time_budget, model_dir=args.output):
-        print(json.dumps(summary))
-    return 0
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    return train(args.workdir, args.configuration, fold, recipe=args.recipe, overrides=args.overrides,
+                 epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+                 val_iterations=args.val_iterations, device=args.device, resume=args.resume, seed=args.seed,
+                 num_workers=args.workers, compile=args.compile, time_budget=args.time_budget, model_dir=args.output)
 
 
 def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_help: str) -> None:
@@ -180,7 +164,7 @@ def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_hel
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("--recipe", help="recipe folder to use when several were trained")
     p.add_argument("--no-tta", action="store_true", help="switch off mirroring test-time augmentation")
-    _add_set(p, "inference.tile_weighting=constant; only inference.* settings of the model's recipe")
+    add_set(p, "inference.tile_weighting=constant; only inference.* settings of the model's recipe")
     p.add_argument("--no-whole-volume", action="store_true",
                    help="always tile (nnU-Net's way), even an image only a little larger than the patch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -209,24 +193,30 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-postprocessing", action="store_true",
                    help="ignore the model's postprocessing.json (written by `decathlete crossval`)")
     p.set_defaults(func=_cmd_predict)
+    add_json(p, _show_predict)
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from decathlete.infer.predictor import predict_folder
+def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from decathlete.api import predict
 
-    folds = _folds(args)
-    summary = predict_folder(args.input, args.output, args.model, args.configuration, folds,
-                             overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                             checkpoint=args.checkpoint, device=args.device, tta=False if args.no_tta else None,
-                             step=args.step, recipe=args.recipe, postprocess=not args.no_postprocessing,
-                             whole_volume=not args.no_whole_volume, overrides=args.overrides)
-    summary.pop("outputs", None)
-    efficiency = summary.pop("efficiency", None)
-    print(json.dumps(summary, default=str))
-    if efficiency:
+    return predict(args.input, args.output, args.model, args.configuration, _folds(args), checkpoint=args.checkpoint,
+                   recipe=args.recipe, overrides=args.overrides, tta=False if args.no_tta else None, step=args.step,
+                   whole_volume=not args.no_whole_volume, postprocess=not args.no_postprocessing,
+                   save_probabilities=args.save_probabilities, overwrite=args.overwrite, device=args.device)
+
+
+def _show_predict(summary: dict[str, Any], args: argparse.Namespace) -> int:
+    print(f"predicted {summary['n_done']} of {summary['n_cases']} cases in {summary['seconds']:.1f} s with "
+          f"{', '.join(summary['folds'])} of {summary['model']} -> {args.output}")
+    if summary["n_skipped"]:
+        print(f"{summary['n_skipped']} cases were already predicted by this model with these settings and were kept "
+              "(--overwrite predicts them again)")
+    if summary["skipped_folds"]:
+        print(f"left out unfinished folds: {', '.join(summary['skipped_folds'])}")
+    if summary.get("efficiency"):
         from decathlete.metrics.efficiency import EFFICIENCY_FILE, describe
 
-        print(f"{describe(efficiency)} -> {os.path.join(args.output, EFFICIENCY_FILE)}")
+        print(f"{describe(summary['efficiency'])} -> {os.path.join(args.output, EFFICIENCY_FILE)}")
     return 0
 
 
@@ -240,18 +230,22 @@ def _add_crossval(sub: argparse._SubParsersAction) -> None:
                                    "WORKDIR/models/<config>/<recipe>/.")
     p.add_argument("workdir", help="work folder with trained folds")
     _add_model_options(p, default_folds="all", folds_help="folds (default: every trained fold)")
-    p.add_argument("-j", "--workers", type=_workers, default=1, help="processes for scoring")
+    p.add_argument("-j", "--workers", type=workers, default=1, help="processes for scoring")
     p.set_defaults(func=_cmd_crossval)
+    add_json(p, _show_crossval)
 
 
-def _cmd_crossval(args: argparse.Namespace) -> int:
-    from decathlete.crossval import cross_validate
+def _cmd_crossval(args: argparse.Namespace) -> dict[str, Any]:
+    from decathlete.api import crossval
 
-    folds = _folds(args)
-    result = cross_validate(args.workdir, args.configuration, folds, recipe=args.recipe, checkpoint=args.checkpoint,
-                            device=args.device, tta=False if args.no_tta else None, workers=args.workers,
-                            overwrite=args.overwrite, whole_volume=not args.no_whole_volume,
-                            overrides=args.overrides)
+    return crossval(args.workdir, args.configuration, _folds(args), recipe=args.recipe, checkpoint=args.checkpoint,
+                    overrides=args.overrides, tta=False if args.no_tta else None,
+                    whole_volume=not args.no_whole_volume, workers=args.workers, overwrite=args.overwrite,
+                    device=args.device)
+
+
+def _show_crossval(result: dict[str, Any], args: argparse.Namespace) -> int:
+    print(f"{result['n_cases']} validation cases of folds {', '.join(map(str, result['folds']))}:")
     for name, values in result["mean"].items():
         print(f"{name:>16s}  Dice {values['dice']:.4f}  NSD {values['nsd']:.4f}  HD95 {values['hd95']:.2f} mm")
     pp = result["postprocessing"]
@@ -269,15 +263,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DATASET", help="a real dataset instead of the built-in synthetic one")
     p.add_argument("-o", "--output", default="demo_work", metavar="WORKDIR", help="work folder (default demo_work)")
     p.add_argument("--quick", action="store_true", help="a small variant for smoke tests")
-    p.add_argument("-j", "--workers", type=_workers, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("-j", "--workers", type=workers, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from decathlete.demo import run_demo
+    from decathlete.api import demo
 
-    run_demo(args.output, data=args.data, quick=args.quick, workers=args.workers, device=args.device)
+    demo(args.output, data=args.data, quick=args.quick, workers=args.workers, device=args.device)
     return 0
 
 
@@ -294,12 +288,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from decathlete.api import plan
 
-    plans = plan(args.dataset, args.output, gpu_memory_gb=args.gpu_memory, planner=args.planner,
-                 recipe=args.recipe, workers=args.workers, time_budget=args.time_budget, device=args.device,
-                 configurations=args.configurations, overrides=args.overrides)
+    return plan(args.dataset, args.output, gpu_memory_gb=args.gpu_memory, planner=args.planner, recipe=args.recipe,
+                workers=args.workers, time_budget=args.time_budget, device=args.device,
+                configurations=args.configurations, overrides=args.overrides).to_dict()
+
+
+def _show_plan(result: dict[str, Any], args: argparse.Namespace) -> int:
+    from decathlete.planning.plans import Plans
+
+    plans = Plans.from_dict(result)
     if plans.transpose_forward != [0, 1, 2]:
         print(f"array axes transposed to {tuple(plans.transpose_forward)} (the coarsest first); the shapes and "
               "spacings below are in that order")
@@ -315,12 +315,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_preprocess(args: argparse.Namespace) -> int:
+def _cmd_preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from decathlete.api import preprocess
 
-    results = preprocess(args.workdir, args.configurations, workers=args.workers)
-    compact = {name: {k: v for k, v in r.items() if k != "case_seconds"} for name, r in results.items()}
-    print(json.dumps(compact, indent=2))
+    return preprocess(args.workdir, args.configurations, workers=args.workers)
+
+
+def _show_preprocess(results: dict[str, Any], args: argparse.Namespace) -> int:
+    for name, r in results.items():
+        kept = f", {r['n_skipped']} already done" if r["n_skipped"] else ""
+        print(f"{name}: {r['n_done']} of {r['n_cases']} cases preprocessed{kept} in {r['seconds']:.1f} s "
+              f"-> {r['folder']}")
     return 0
 
 
@@ -331,8 +336,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _fmt(values: Sequence) -> str:
-    return "x".join(map(str, values)) if values and not isinstance(values[0], list) else \
-        " ".join(_fmt(v) for v in values)
+    """``20x64x64``; spacings with four significant digits (``2.977x1.2x1.2``); lists of lists space-separated."""
+    if values and isinstance(values[0], list):
+        return " ".join(_fmt(v) for v in values)
+    return "x".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,9 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_validate, _add_plan, _add_preprocess, _add_patches, _add_train, _add_predict, _add_crossval,
                 _add_demo, _add_list):
         add(sub)
-    add_evaluate(sub, _workers)
-    add_search(sub, _add_set)
+    add_evaluate(sub)
+    add_search(sub)
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Do the verb's work and show its result: to people, or with ``--json`` as JSON on stdout."""
+    show = getattr(args, "show", None)
+    if show is None:
+        return args.func(args)
+    if not args.json:
+        return show(args.func(args), args)
+    with contextlib.redirect_stdout(sys.stderr):  # logs and the human summary; stdout holds only the JSON
+        result = args.func(args)
+        status = show(result, args)
+    print(json.dumps(result, default=str))
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for package in args.plugin:
         registry.load_plugin(package)
     try:
-        return args.func(args)
+        return _run(args)
     except DatasetError as err:
         print(f"decathlete {args.verb}: {err}", file=sys.stderr)
         return 1

@@ -293,9 +293,10 @@ class Predictor:
             on_conflict: ``"refuse"`` outputs another model or other settings made, or predict them ``"redo"``.
 
         Returns:
-            ``{"n_cases", "n_done", "n_skipped", "seconds", "folds", "skipped_folds", "case_seconds", "outputs",
-            "efficiency"}`` (outputs: case id -> file; folds: the fold folders ensembled; skipped_folds: unfinished
-            ones left out; efficiency: the ``efficiency.json`` written, None when no case was predicted).
+            ``{"n_cases", "n_done", "n_skipped", "seconds", "model", "folds", "skipped_folds", "case_seconds",
+            "outputs", "efficiency"}`` (model: the folder of the folds; folds: the fold folders ensembled;
+            outputs: case id -> file; skipped_folds: unfinished ones left out; efficiency: the ``efficiency.json``
+            written, None when no case was predicted).
             ``OUT/provenance.json`` records which run made each output.
 
         Raises:
@@ -360,9 +361,9 @@ class Predictor:
             raise CasesFailed(failed, len(todo), output_dir)
         n = len(cases)
         return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
-                "folds": [d.name for d in self.fold_dirs], "skipped_folds": self.skipped_folds,
-                "case_seconds": seconds, "outputs": {cid: str(t) for cid, t in targets.items()},
-                "efficiency": efficiency}  # fmt: skip
+                "model": str(self.fold_dirs[0].parent), "folds": [d.name for d in self.fold_dirs],
+                "skipped_folds": self.skipped_folds, "case_seconds": seconds,
+                "outputs": {cid: str(t) for cid, t in targets.items()}, "efficiency": efficiency}  # fmt: skip
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from typing import Any
+
+from decathlete.cli_options import add_json, workers
 
 
-def add_evaluate(sub: argparse._SubParsersAction, workers: Callable[[str], int]) -> None:
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score predicted label maps against references",
                        description="Pair PRED and REF files by case id and write summary.json (per case, mean per "
                                    "label, foreground mean), a per-case CSV and a box plot per metric: Dice, IoU, "
@@ -28,16 +30,17 @@ def add_evaluate(sub: argparse._SubParsersAction, workers: Callable[[str], int])
                         "many were left out)")
     p.add_argument("-j", "--workers", type=workers, default=1, help="processes over cases")
     p.set_defaults(func=run_evaluate)
+    add_json(p, show_evaluation)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from decathlete.evaluate import evaluate_folder, labels_to_score, parse_tolerances
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from decathlete.api import evaluate
 
-    labels, ignore = labels_to_score(args.labels)  # ignore: the label whose voxels count nowhere
-    output = args.output or os.path.join(args.pred, "summary.json")
-    tolerance = parse_tolerances(args.nsd_tolerance, labels)
-    summary = evaluate_folder(args.pred, args.ref, labels, tolerance, workers=args.workers, output=output,
-                              ignore_label=ignore, only_predicted=args.only_predicted)
+    return evaluate(args.pred, args.ref, args.labels, args.nsd_tolerance, output=args.output, workers=args.workers,
+                    only_predicted=args.only_predicted)
+
+
+def show_evaluation(summary: dict[str, Any], args: argparse.Namespace) -> int:
     if "left_out" in summary:
         left = summary["left_out"]
         print(f"scored {left['n_scored']} of {left['n_reference_cases']} reference cases; {left['n_left_out']} "
@@ -49,5 +52,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from decathlete.metrics.efficiency import describe
 
         print(describe(summary["efficiency"]))
-    print(f"wrote {output}")
+    print(f"wrote {args.output or os.path.join(args.pred, 'summary.json')}")
     return 0

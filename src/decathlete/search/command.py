@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from typing import Any
+
+from decathlete.cli_options import add_json, add_set
 
 
-def add_search(sub: argparse._SubParsersAction, add_set: Callable[[argparse.ArgumentParser, str], None]) -> None:
+def add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search a recipe's hyperparameters on one fold (Optuna; resumable, shareable)",
                        description="Train one trial per drawn point of SPACE for the same wall-clock budget, each "
                                    "in WORKDIR/search/<study>/trial_<n>/, score it on the fold's validation cases "
@@ -42,17 +44,21 @@ def add_search(sub: argparse._SubParsersAction, add_set: Callable[[argparse.Argu
                    help="validation batches per training epoch (the pseudo-Dice the pruner sees; default 50)")
     p.add_argument("-j", "--workers", type=int, default=1, help="processes for scoring")
     p.set_defaults(func=run_search)
+    add_json(p, show_search)
 
 
-def run_search(args: argparse.Namespace) -> int:
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
     from decathlete.api import search
 
-    summary = search(args.workdir, space=args.space, trials=args.trials, trial_budget=args.trial_budget,
-                     configuration=args.configuration, fold=args.fold, recipe=args.recipe, overrides=args.overrides,
-                     sampler=args.sampler, startup_trials=args.startup_trials, pruner=args.pruner,
-                     storage=args.storage, study=args.study, metric=args.metric,
-                     tta=False if args.no_tta else None, baseline=not args.no_baseline, seed=args.seed,
-                     device=args.device, workers=args.workers, val_iterations=args.val_iterations)
+    return search(args.workdir, space=args.space, trials=args.trials, trial_budget=args.trial_budget,
+                  configuration=args.configuration, fold=args.fold, recipe=args.recipe, overrides=args.overrides,
+                  sampler=args.sampler, startup_trials=args.startup_trials, pruner=args.pruner, storage=args.storage,
+                  study=args.study, metric=args.metric, tta=False if args.no_tta else None,
+                  baseline=not args.no_baseline, seed=args.seed, device=args.device, workers=args.workers,
+                  val_iterations=args.val_iterations)
+
+
+def show_search(summary: dict[str, Any], args: argparse.Namespace) -> int:
     print(f"trials: {', '.join(f'{n} {k.lower()}' for k, n in summary['counts'].items())}")
     finished = sum(summary["counts"].get(state, 0) for state in ("COMPLETE", "PRUNED"))
     if finished < args.trials:

@@ -8,7 +8,6 @@ by ``(seed, rank, i)``, so ``--resume`` after a crash (even SIGKILL) replays the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -323,5 +322,8 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
     summary = {"folder": str(run.out), "epochs": run.state.epoch, "steps": run.state.step,
                "ema_dice": run.state.ema_dice, "best_ema_dice": run.state.best_ema, "seconds": seconds,
                "stopped_by_time_budget": run.out_of_time, "stopped_by_callback": run.stopped}
-    run.log(f"done: {json.dumps(summary)}")
+    stop = " (time budget reached)" if run.out_of_time else " (stopped by a callback)" if run.stopped else ""
+    ema = "n/a" if run.state.ema_dice is None else f"{run.state.ema_dice:.4f}"
+    run.log(f"done{stop}: {run.state.epoch} epochs, {run.state.step} steps in {seconds:.0f} s; EMA pseudo-Dice {ema}"
+            f" (best {run.state.best_ema:.4f}) -> {run.out / ckpt.FINAL}")
     return summary
