@@ -66,6 +66,19 @@ def test_training_learns_the_organ(workdir: Path, tmp_path: Path) -> None:
     assert json.loads((folder / "recipe.json").read_text())["epochs"] == 3
 
 
+def test_validation_bar_counts_the_validation_batches(workdir: Path, tmp_path: Path, bars,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    made, work = bars("decathlete.train.validation"), _fresh(workdir, tmp_path, "bars")
+    options = {"epochs": 2, "iterations_per_epoch": 1, "val_iterations": 3, "device": "cpu", "num_workers": 0}
+    train(work, TrainOptions("3d_fullres", 0, model_dir=tmp_path / "shown", **options))
+    assert [(bar.desc, bar.n, bar.total, bar.unit, bar.leave) for bar in made] == [
+        ("validation 0", 3, 3, "batch", False), ("validation 1", 3, 3, "batch", False)]
+    assert "validation 1: 100%" in capsys.readouterr().err
+    made.clear()
+    train(work, TrainOptions("3d_fullres", 0, model_dir=tmp_path / "quiet", progress=False, **options))
+    assert [bar.disable for bar in made] == [True, True] and capsys.readouterr().err == ""
+
+
 def test_refuses_to_overwrite_and_mismatched_resume(workdir: Path, tmp_path: Path) -> None:
     work = _fresh(workdir, tmp_path, "refuse")
     kwargs = {"iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu", "num_workers": 0, "progress": False}
