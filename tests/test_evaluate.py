@@ -125,6 +125,19 @@ def test_workers_give_the_serial_result(tmp_path):
     assert evaluate_folder(pred_dir, ref_dir, workers=2) == evaluate_folder(pred_dir, ref_dir, workers=1)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bar_counts_the_cases_scored(tmp_path, bars, capsys, workers):
+    made = bars("decathlete.evaluate")
+    pred_dir, ref_dir = make_folders(tmp_path)
+    evaluate_folder(pred_dir, ref_dir, workers=workers, plots=False)
+    [bar] = made
+    assert (bar.desc, bar.n, bar.total, bar.unit) == ("evaluate", 3, 3, "case")  # c1, c2, c3
+    assert "3/3" in capsys.readouterr().err
+    if workers == 1:  # the bar is made before the pool: one quiet run covers both (a pool takes seconds to start)
+        evaluate_folder(pred_dir, ref_dir, plots=False, progress=False)
+        assert made[1].disable and capsys.readouterr().err == ""
+
+
 def test_labels_from_dataset_json(tmp_path):
     msd = write_json(tmp_path / "msd" / "dataset.json", {"labels": {"0": "background", "1": "liver", "2": "tumour"}})
     assert labels_from_dataset_json(msd.parent) == {"liver": 1, "tumour": 2}

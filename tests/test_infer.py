@@ -187,6 +187,24 @@ def test_whole_volume_inference_is_one_pass_over_the_padded_image() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("mirror_axes", "batch"), [((), 4), ((0, 1), 4), ((0, 1), None)])
+def test_tile_bar_counts_tiles_times_flips(bars, capsys: pytest.CaptureFixture, mirror_axes: tuple[int, ...],
+                                          batch: int | None) -> None:
+    made = bars("decathlete.infer.sliding_window")
+    image = torch.randn(1, 12, 16, 8)
+    # by hand, patch 8x8x8, step 0.5: z starts 0, 4 (2); y starts 0, 4, 8 (3); x fits (1) -> 6 tiles, x 4 flips
+    sliding_window_predict(_pointwise_net(1, 2), image, (8, 8, 8), 2, batch_tiles=batch, mirror_axes=mirror_axes,
+                           progress=True, desc="fold_0")
+    flips = 2 ** len(mirror_axes)
+    [bar] = made
+    assert (bar.n, bar.total, bar.leave) == (6 * flips, 6 * flips, False)
+    assert bar.desc == ("fold_0 (6 tiles x 4 flips)" if flips > 1 else "fold_0 (6 tiles)")
+    assert bar.unit == ("tile-flip" if flips > 1 else "tile")
+    assert f"{6 * flips}/{6 * flips}" in capsys.readouterr().err
+    sliding_window_predict(_pointwise_net(1, 2), image, (8, 8, 8), 2, mirror_axes=mirror_axes)  # progress off
+    assert len(made) == 1 and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])
 def test_2d_network_predicts_slice_by_slice(slice_axis: int) -> None:
     net = _pointwise_net(2, 3, dims=2)
@@ -299,6 +317,29 @@ def test_predict_uses_every_trained_fold_by_default(workdir: Path, tmp_path: Pat
     _write_oblique_nifti(inp / "case.nii.gz")
     summary = predictor.predict_folder(inp, tmp_path / "out", progress=False)
     assert summary["folds"] == ["fold_0", "fold_1"] and summary["skipped_folds"] == ["fold_2"]
+
+
+def test_predict_shows_a_tile_bar_per_fold_inside_the_case_bar(workdir: Path, tmp_path: Path, bars,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    made = bars("decathlete.infer.predictor", "decathlete.infer.sliding_window")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _write_oblique_nifti(inp / "case.nii.gz")
+    predictor = Predictor(workdir, folds=(0, 1), device="cpu")
+    calls = []  # tiles through the network, every flip counted
+    for net in predictor.networks:
+        net.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    predictor.predict_folder(inp, tmp_path / "out", progress=True)
+    outer, *inner = made
+    assert (outer.desc, outer.n, outer.total) == ("predict", 1, 1)
+    assert [bar.desc.split(" (")[0] for bar in inner] == ["fold_0", "fold_1"]
+    assert all(bar.n == bar.total > 0 and not bar.leave for bar in inner)
+    assert sum(bar.total for bar in inner) == sum(calls) and inner[0].total % 8 == 0  # 8 flips (z, y, x)
+    err = capsys.readouterr().err
+    assert f"{inner[0].total}/{inner[0].total}" in err and "1/1" in err
+    made.clear()
+    predictor.predict_folder(inp, tmp_path / "quiet", progress=False)
+    assert all(bar.disable for bar in made) and capsys.readouterr().err == ""
 
 
 def test_fold_ensemble_averages_probabilities_and_no_tta_runs_once(workdir: Path, tmp_path: Path) -> None:

@@ -66,6 +66,42 @@ def test_training_learns_the_organ(workdir: Path, tmp_path: Path) -> None:
     assert json.loads((folder / "recipe.json").read_text())["epochs"] == 3
 
 
+def test_validation_bar_counts_the_validation_batches(workdir: Path, tmp_path: Path, bars,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    made, work = bars("decathlete.train.validation"), _fresh(workdir, tmp_path, "bars")
+    options = {"epochs": 2, "iterations_per_epoch": 1, "val_iterations": 3, "device": "cpu", "num_workers": 0}
+    train(work, TrainOptions("3d_fullres", 0, model_dir=tmp_path / "shown", **options))
+    assert [(bar.desc, bar.n, bar.total, bar.unit, bar.leave) for bar in made] == [
+        ("validation 0", 3, 3, "batch", False), ("validation 1", 3, 3, "batch", False)]
+    assert "validation 1: 100%" in capsys.readouterr().err
+    made.clear()
+    train(work, TrainOptions("3d_fullres", 0, model_dir=tmp_path / "quiet", progress=False, **options))
+    assert [bar.disable for bar in made] == [True, True] and capsys.readouterr().err == ""
+
+
+def test_a_one_epoch_training_curve_shows_its_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.colors
+    import matplotlib.image
+
+    from decathlete.train import progress
+
+    figures: list = []
+    monkeypatch.setattr(progress.plt, "close", figures.append)  # keep the figure to look at its lines
+    history = {"train_loss": [0.9], "val_loss": [0.6], "pseudo_dice": [0.3], "ema_dice": [0.3], "lr": [1e-2]}
+    progress.plot_progress(history, tmp_path / "progress.png")
+    monkeypatch.undo()
+    [fig] = figures
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 5 and all(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in lines)
+    # In the saved PNG (90 dpi, rows from the top) the val-loss point is a red dot, not the white of a blank plot.
+    x, y = fig.axes[0].transData.transform((0, 0.6)) * 90 / fig.dpi
+    png = matplotlib.image.imread(tmp_path / "progress.png")[..., :3]
+    row, col = int(round(png.shape[0] - y)), int(round(x))
+    around = png[row - 1 : row + 2, col - 1 : col + 2].reshape(-1, 3)
+    assert np.abs(around - matplotlib.colors.to_rgb("tab:red")).max(axis=1).min() < 0.1
+    progress.plt.close(fig)
+
+
 def test_refuses_to_overwrite_and_mismatched_resume(workdir: Path, tmp_path: Path) -> None:
     work = _fresh(workdir, tmp_path, "refuse")
     kwargs = {"iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu", "num_workers": 0, "progress": False}

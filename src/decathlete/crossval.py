@@ -54,7 +54,7 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         pairs += fold.pairs
     labels, ignore = fold.labels, fold.ignore_label
     summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json",
-                             ignore_label=ignore)
+                             ignore_label=ignore, progress=progress)
     spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
     if not fold.recipe.inference.postprocessing:
         spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
@@ -67,7 +67,8 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
                   k: spec[k] for k in ("foreground", "per_class", "mean_dice_before", "mean_dice_after")},
               "postprocessed_mean": None, "folder": str(root)}
     if spec["foreground"] or spec["per_class"]:
-        result["postprocessed_mean"] = _score_postprocessed(pairs, spec, labels, root, workers, ignore)["mean"]
+        scored = _score_postprocessed(pairs, spec, labels, root, workers, ignore, progress)
+        result["postprocessed_mean"] = scored["mean"]
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
 
@@ -104,12 +105,14 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                    progress=progress, on_conflict="redo")  # the fold's own folder
     pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
-    summary = evaluate_pairs(pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore)
+    summary = evaluate_pairs(pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore,
+                             progress=progress)
     return FoldValidation(pairs, summary, labels, ignore, predictor.recipe)
 
 
 def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, Any], labels: dict[str, Any],
-                         root: Path, workers: int, ignore_label: int | None = None) -> dict[str, Any]:
+                         root: Path, workers: int, ignore_label: int | None = None,
+                         progress: bool = True) -> dict[str, Any]:
     out = root / "crossval_postprocessed"
     out.mkdir(parents=True, exist_ok=True)
     done = []
@@ -118,4 +121,5 @@ def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, An
         target = out / pred.name
         write_image(apply_postprocessing(seg, spec), geometry, target, dtype=seg.dtype)
         done.append((cid, target, ref))
-    return evaluate_pairs(done, labels, workers=workers, output=out / "summary.json", ignore_label=ignore_label)
+    return evaluate_pairs(done, labels, workers=workers, output=out / "summary.json", ignore_label=ignore_label,
+                          progress=progress)

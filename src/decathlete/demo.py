@@ -1,8 +1,11 @@
 """``decathlete demo``: the whole pipeline end to end on the built-in synthetic dataset (or on ``--data DATASET``).
 
-generate data → validate → plan → preprocess → train fold 0 for a few CPU minutes → predict fold 0's held-out
-validation cases from their raw files → evaluate → print Dice/NSD/HD95 and write ``report.html``. Every stage is a
-call of :mod:`decathlete.api` or of the module behind it, so the demo is also the shortest tour of the code.
+generate data → validate → plan 3d_fullres with the ``default`` recipe for a training budget (``FULL_BUDGET``, 4
+minutes; ``QUICK_BUDGET``, 15 s, with ``quick``), which times real training steps on the device and narrows the
+network's width, batch and schedule until the run fits (`decathlete.planning.budget`) → preprocess → train fold 0
+until that budget is spent → predict fold 0's held-out validation cases from their raw files → evaluate → print
+Dice/NSD/HD95 and write ``report.html``. Every stage is a call of :mod:`decathlete.api` or of the module behind it,
+so the demo is also the shortest tour of the code.
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from decathlete.io.images import image_suffix, read_label
 from decathlete.metrics.efficiency import efficiency_of
@@ -214,13 +215,22 @@ def parse_tolerances(items: Sequence[str], labels: Mapping[str, Any] | None = No
     return tolerances[ANY_LABEL] if list(tolerances) == [ANY_LABEL] else tolerances
 
 
-def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int) -> list[Any]:
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(*job) for job in jobs]
-    # forkserver: a plain fork of a parent running threads (torch, BLAS pools) can deadlock the children.
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
+def _map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, progress: bool) -> list[Any]:
+    """``fn`` on every job, in order, with a bar over the cases scored."""
+    with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress or not jobs) as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(*job))
+                bar.update()
+            return results
+        # forkserver: a plain fork of a parent running threads (torch, BLAS pools) can deadlock the children.
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            for _ in as_completed(futures):  # the bar moves as cases finish, in whatever order
+                bar.update()
+            return [future.result() for future in futures]
 
 
 def evaluate_folder(
@@ -233,6 +243,7 @@ def evaluate_folder(
     plots: bool = True,
     ignore_label: int | None = None,
     only_predicted: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Score every prediction in `pred_dir` against its reference in `ref_dir`.
 
@@ -248,6 +259,7 @@ def evaluate_folder(
             nowhere and the value is no label; None: every voxel counts.
         only_predicted: score the predicted cases even when references lack a prediction; the summary's
             ``left_out`` names those references (otherwise they are an error).
+        progress: a progress bar over the cases scored.
 
     Returns:
         The summary.json document: ``per_case``, ``mean``, ``foreground_mean``, ``labels``, ``conventions``, and
@@ -270,7 +282,7 @@ def evaluate_folder(
     if efficiency := efficiency_of(pred_dir, [case for case, _, _ in pairs]):
         extra["efficiency"] = efficiency
     return evaluate_pairs(pairs, labels, nsd_tolerance_mm, workers, output, plots, where=str(ref_dir),
-                          ignore_label=ignore_label, extra=extra or None)
+                          ignore_label=ignore_label, extra=extra or None, progress=progress)
 
 
 def evaluate_pairs(
@@ -283,6 +295,7 @@ def evaluate_pairs(
     where: str = "the references",
     ignore_label: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """`evaluate_folder` for explicit ``(case id, prediction file, reference file)`` triples; ``extra`` entries are
     added to the summary."""
@@ -290,7 +303,8 @@ def evaluate_pairs(
     spec = None if labels is None else normalize_labels(labels)
     if spec is not None:
         resolve_tolerances(list(spec), nsd_tolerance_mm)  # fail on a bad tolerance before the work
-    results = _map(evaluate_case, [(c, p, r, spec, nsd_tolerance_mm, ignore_label) for c, p, r in pairs], workers)
+    jobs = [(c, p, r, spec, nsd_tolerance_mm, ignore_label) for c, p, r in pairs]
+    results = _map(evaluate_case, jobs, workers, progress)
     if spec is None:
         values = sorted(set().union(*(ref_values for _, ref_values, _ in results)))
         if not values:

@@ -194,13 +194,14 @@ class Predictor:
         return [max(p, min(-(-int(n) // d) * d, int(c) // d * d))
                 for n, p, c, d in zip(shape, patch, cap, self.divisor)]
 
-    def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    def _sliding_window(self, net: torch.nn.Module, image: torch.Tensor, progress: bool = False,
+                        desc: str = "") -> torch.Tensor:
         axis = int(self.config.resampling.get("slice_axis", 0))
         tile = self.tile_size(image.shape[1:])
         run = partial(sliding_window_predict, net, image, tile, self.num_classes, self.step,
                       self.batch_tiles, self.mirror_axes, self.device, slice_axis=axis,
                       whole_volume_divisor=self.divisor if self.whole_volume else None,
-                      tile_weights=self.tile_weights)  # fmt: skip
+                      tile_weights=self.tile_weights, progress=progress, desc=desc)  # fmt: skip
         if self.device.type == "cuda":
             try:
                 return run(accumulate_device=self.device)
@@ -210,19 +211,20 @@ class Predictor:
         return run(accumulate_device="cpu")
 
     @torch.inference_mode()
-    def predict_probabilities(self, data: np.ndarray) -> np.ndarray:
-        """Fold-averaged probabilities ``(K, z, y, x)`` float32 of a preprocessed image ``(C, z, y, x)``."""
+    def predict_probabilities(self, data: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Fold-averaged probabilities ``(K, z, y, x)`` float32 of a preprocessed image ``(C, z, y, x)``;
+        ``progress``: a bar per fold over its sliding-window tiles."""
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total = None
-        for net in self.networks:
-            probs = self.labels.activate_(self._sliding_window(net, image)).cpu()
+        for net, fold_dir in zip(self.networks, self.fold_dirs):
+            probs = self.labels.activate_(self._sliding_window(net, image, progress, fold_dir.name)).cpu()
             total = probs if total is None else total.add_(probs)
         assert total is not None
         return total.div_(len(self.networks)).numpy()
 
     def _predict(
         self, image_paths: Sequence[str | Path] | str | Path, case_id: str | None, return_probabilities: bool,
-        seconds: dict[str, float] | None = None,
+        seconds: dict[str, float] | None = None, progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
         with phase(seconds, "preprocess"):
             case = preprocess_case(image_paths, None, self.preprocessing, case_id=case_id)
@@ -232,7 +234,7 @@ class Predictor:
                 f"{self.n_channels} ({', '.join(map(str, self.plans.dataset['channel_names'].values()))})"
             )
         with phase(seconds, "network"):
-            probabilities = self.predict_probabilities(case.data)
+            probabilities = self.predict_probabilities(case.data, progress)
         del case.data
         with phase(seconds, "export"):
             label, full = invert_preprocessing(
@@ -289,7 +291,7 @@ class Predictor:
             overwrite: predict cases whose output exists again.
             save_probabilities: also write ``<case>.npz`` with float16 ``probabilities`` (K, z, y, x) on the
                 input grid and ``class_values`` (the label, or region order, of each channel).
-            progress: show a progress bar.
+            progress: show a progress bar over the cases, and one (not kept) over each case's sliding-window tiles.
             on_conflict: ``"refuse"`` outputs another model or other settings made, or predict them ``"redo"``.
 
         Returns:
@@ -341,8 +343,8 @@ class Predictor:
         for cid in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
             t0 = time.perf_counter()
             try:
-                with meter.case(cost := {}) as phases:
-                    label, full, geometry = self._predict(cases[cid], cid, save_probabilities, phases)
+                with meter.case(cost := {}) as phases:  # a large case takes minutes: a bar over its tiles too
+                    label, full, geometry = self._predict(cases[cid], cid, save_probabilities, phases, progress)
                     provenance.record(cid)  # before the label map: an entry without one is simply redone
                     with phase(phases, "export"):
                         if full is not None:

@@ -39,9 +39,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from decathlete.devices import autocast
-from decathlete.infer.tta import mirrored_forward
+from decathlete.infer.tta import flip_combinations, mirrored_forward
 
 TILE_BATCH_VOXELS = 1 << 19  # automatic batch: tiles per forward pass so that a batch holds about this many voxels
 WHOLE_VOLUME_MAX_PATCHES = 4  # whole-volume inference only up to this many patch volumes (activation memory)
@@ -148,6 +149,8 @@ def sliding_window_predict(
     slice_axis: int = 0,
     whole_volume_divisor: Sequence[int] | None = None,
     tile_weights: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    progress: bool = False,
+    desc: str = "sliding window",
 ) -> torch.Tensor:
     """Logits for a whole preprocessed image by Gaussian-weighted sliding-window inference.
 
@@ -166,6 +169,8 @@ def sliding_window_predict(
         whole_volume_divisor: per patch axis, what the network's input must be divisible by (the product of its
             strides); given, a small image runs as one forward pass when that is cheaper (`whole_volume_patch`).
         tile_weights: ``patch -> weight map`` of a tile (`decathlete.infer.tile_weights`); None = the Gaussian.
+        progress: a bar (not kept) counting tile passes: tiles (2D: tiles of every slice) x mirror flips, each one
+            tile through the network once; ``desc`` leads its label.
 
     Returns:
         float32 logits ``(K, z, y, x)`` on ``accumulate_device``, made under ``torch.inference_mode`` (clone before
@@ -188,7 +193,12 @@ def sliding_window_predict(
         patch = whole_volume_patch(stack.shape[2:], patch, whole_volume_divisor, step) or patch
     batch = batch_tiles or _auto_batch(patch)
     weights = tile_weights or gaussian_importance
-    logits = _predict_stack(net, stack, patch, num_classes, step, batch, tuple(mirror_axes), device, acc, weights)
+    bar = _TileBar(progress, desc, len(flip_combinations(mirror_axes)))
+    try:
+        logits = _predict_stack(net, stack, patch, num_classes, step, batch, tuple(mirror_axes), device, acc,
+                                weights, bar)
+    finally:  # also when the GPU ran out of memory and the caller retries: no stale bar on the console
+        bar.close()
     return logits[0] if dims == spatial else logits.movedim(0, 1 + slice_axis).contiguous()
 
 
@@ -203,6 +213,7 @@ def _predict_stack(
     device: torch.device,
     acc: torch.device,
     tile_weights: Callable[[Sequence[int]], torch.Tensor],
+    bar: _TileBar,
 ) -> torch.Tensor:
     """Sliding window over each of the N images of ``stack`` ``(N, C, *spatial)``; returns ``(N, K, *spatial)``."""
     pads = _padding(stack.shape[2:], patch)
@@ -217,6 +228,7 @@ def _predict_stack(
     out = torch.zeros((n, num_classes, *shape), dtype=torch.float32, device=acc)
     tile_map = None if single else tile_weights(patch).to(device=acc, dtype=torch.float32)
     items = [(i, pos) for pos in positions for i in range(n)]  # neighbouring 2D slices at one position batch together
+    bar.start(len(items))
     for b in range(0, len(items), batch):
         chunk = items[b : b + batch]
         tiles = [_tile(pos, patch) for _, pos in chunk]
@@ -233,6 +245,7 @@ def _predict_stack(
                 out[i] = tile_logits
             else:
                 out[i][(slice(None), *sl)] += tile_logits * tile_map
+        bar.done(len(chunk))
     if not single:
         weight = torch.zeros(shape, dtype=torch.float32, device=acc)
         for pos in positions:
@@ -242,6 +255,29 @@ def _predict_stack(
         return out
     crop = tuple(slice(lo, s - hi) for (lo, hi), s in zip(pads, shape))
     return out[(slice(None), slice(None), *crop)].contiguous()  # a compact copy, not a view into the padding
+
+
+class _TileBar:
+    """The progress of one sliding window in tile passes (a tile through the network once: a tile's mirror flips
+    are passes of their own), so a large case shows it is moving long before its case bar does."""
+
+    def __init__(self, enabled: bool, desc: str, flips: int) -> None:
+        self.enabled, self.desc, self.flips, self.bar = enabled, desc, flips, None
+
+    def start(self, tiles: int) -> None:
+        if not self.enabled:
+            return
+        what = f"{tiles} tile{'s' * (tiles != 1)}" + (f" x {self.flips} flips" if self.flips > 1 else "")
+        self.bar = tqdm(total=tiles * self.flips, desc=f"{self.desc} ({what})",
+                        unit="tile" if self.flips == 1 else "tile-flip", leave=False)
+
+    def done(self, tiles: int) -> None:
+        if self.bar is not None:
+            self.bar.update(tiles * self.flips)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _tile(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:

@@ -39,6 +39,6 @@ def resenc_xl() -> Recipe:
 
 @register_recipe("tiny")
 def tiny() -> Recipe:
-    """A narrow U-Net (8 base features) for smoke tests and CPU demos: the default rules at a fraction of the cost."""
+    """A narrow U-Net (8 base features) for smoke tests: the default rules at a fraction of the cost."""
     return replace(default(), name="tiny", epochs=5, iterations_per_epoch=10,
                    planning=Planning(base_features=8, max_features_3d=64, max_features_2d=128))

@@ -11,29 +11,35 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from decathlete.io.atomic import write_atomic  # noqa: E402
+
+MARKED_EPOCHS = 50  # up to this many epochs every point gets a marker; beyond, the lines alone stay readable
 
 
 def plot_progress(history: dict[str, list[float]], path: str | Path) -> None:
     """Draw the curves of ``history`` (lists indexed by epoch) into ``path``, atomically."""
     epochs = range(len(history["train_loss"]))
+    # A line through one point draws nothing: a one-epoch run (the quick demo) would show empty axes without markers.
+    dots = {"marker": "o", "markersize": 4} if len(epochs) <= MARKED_EPOCHS else {}
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1])
-    ax_loss.plot(epochs, history["train_loss"], label="train loss", color="tab:blue")
-    ax_loss.plot(epochs, history["val_loss"], label="val loss", color="tab:red")
+    ax_loss.plot(epochs, history["train_loss"], label="train loss", color="tab:blue", **dots)
+    ax_loss.plot(epochs, history["val_loss"], label="val loss", color="tab:red", **dots)
     ax_loss.set_ylabel("loss")
     ax_dice = ax_loss.twinx()
-    ax_dice.plot(epochs, history["pseudo_dice"], ":", label="pseudo-Dice", color="tab:green")
-    ax_dice.plot(epochs, history["ema_dice"], label="pseudo-Dice (EMA)", color="tab:green")
+    ax_dice.plot(epochs, history["pseudo_dice"], ":", label="pseudo-Dice", color="tab:green", **dots)
+    ax_dice.plot(epochs, history["ema_dice"], label="pseudo-Dice (EMA)", color="tab:green", **dots)
     ax_dice.set_ylabel("Dice")
     ax_dice.set_ylim(0, 1)
     lines = ax_loss.get_legend_handles_labels()
     more = ax_dice.get_legend_handles_labels()
     ax_loss.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
-    ax_lr.plot(epochs, history["lr"], color="black")
+    ax_lr.plot(epochs, history["lr"], color="black", **dots)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("epoch")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, not -0.04 ... 0.04
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

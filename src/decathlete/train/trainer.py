@@ -245,7 +245,8 @@ def _loop(run: _Run) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         train_loss, lr = _train_epoch(run)
         val_start = time.perf_counter()
-        result = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch)
+        result = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch,
+                                progress=run.progress and run.world.is_main)
         run.reserve_s = time.perf_counter() - val_start
         _end_epoch(run, train_loss, result, lr, time.perf_counter() - epoch_start)
     return _finish(run, time.perf_counter() - start)

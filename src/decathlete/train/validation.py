@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from decathlete.train.batches import ValidationBatches
 from decathlete.train.distributed import World, all_reduce_sum
@@ -24,11 +25,15 @@ class Validation(NamedTuple):
 
 @torch.no_grad()
 def validate(net: torch.nn.Module, step: TrainStep, batches: ValidationBatches, dev: torch.device,
-             world: World, epoch: int) -> Validation:
-    """Validate ``net`` (put in eval mode) on epoch ``epoch``'s validation patches."""
+             world: World, epoch: int, progress: bool = False) -> Validation:
+    """Validate ``net`` (put in eval mode) on epoch ``epoch``'s validation patches; ``progress``: a bar over the
+    batches (the caller passes it on rank 0 only)."""
     net.eval()
     counts, confusion, loss_sum, n = None, None, torch.zeros((), device=dev), 0
-    for image, label in batches.iterate(dev, epoch):
+    # 50 batches of large patches take minutes: without a bar the run looks stuck after the epoch's bar. Not kept.
+    bar = tqdm(batches.iterate(dev, epoch), total=batches.n_batches, desc=f"validation {epoch}", unit="batch",
+               leave=False, disable=not progress)
+    for image, label in bar:
         loss, logits = step.evaluate(image, label)
         loss_sum += loss
         batch_counts = step.labels.pseudo_dice_counts(logits, label)
