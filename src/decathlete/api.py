@@ -240,7 +240,8 @@ def crossval(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequ
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, labels: str | Path | Mapping[str, Any] | None = None,
              nsd_tolerance: float | Mapping[str, float] | Sequence[str] = 1.0, *, output: str | Path | None = None,
-             workers: int = 1, only_predicted: bool = False, ignore_label: int | None = None) -> dict[str, Any]:
+             workers: int = 1, only_predicted: bool = False, ignore_label: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Score the label maps of ``pred_dir`` against those of ``ref_dir``, paired by case id; writes
     ``summary.json`` (default ``PRED/summary.json``), a per-case CSV and box plots.
 
@@ -265,7 +266,7 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, labels: str | Path | Map
         nsd_tolerance = parse_tolerances(list(nsd_tolerance), labels)
     output = Path(pred_dir) / "summary.json" if output is None else output
     return evaluate_folder(pred_dir, ref_dir, labels, nsd_tolerance, workers=workers, output=output,
-                           ignore_label=ignore_label, only_predicted=only_predicted)
+                           ignore_label=ignore_label, only_predicted=only_predicted, progress=progress)
 
 
 def search(workdir: str | Path, space: str | Path, trials: int = 20, trial_budget: str | float = "2m", *,
