@@ -113,18 +113,21 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
     return results
 
 
-def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, *,
+def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str | Sequence[int | str] = 0, *,
           callbacks: Sequence[Any] = (), **options: Any) -> list[dict[str, Any]]:
-    """Train one fold, or every fold of the splits with ``fold="all"``; returns one summary per fold.
+    """Train folds in turn; returns one summary per fold. ``fold``: a fold number, ``"all"`` (nnU-Net's: one model
+    trained on every case, ``fold_all``), several of these, or ``"every"`` (each cross-validation fold; see
+    `decathlete.data.folds`).
 
     Keyword arguments are the fields of :class:`decathlete.train.trainer.TrainOptions` (``recipe``, ``overrides``,
     ``epochs``, ``device``, ``resume``, ``seed``, ``model_dir`` ...); ``callbacks`` receive every epoch's report.
     """
-    from decathlete.data.splits import fold_count
+    from decathlete.data.folds import parse_folds
+    from decathlete.data.splits import expand_folds
     from decathlete.train.trainer import TrainOptions
     from decathlete.train.trainer import train as train_fold
 
-    folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
+    folds = expand_folds(workdir, parse_folds(fold))
     return [train_fold(workdir, TrainOptions(configuration=configuration, fold=k, **options), callbacks)
             for k in folds]
 
