@@ -123,28 +123,32 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
     return results
 
 
-def patches(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, *, n_train: int,
-            n_val: int, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def patches(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str | Sequence[int | str] = 0, *,
+            n_train: int, n_val: int, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Pre-extract a fold's training and validation patches into HDF5 files (van den Hork 2019), for
-    ``train --set sampler=patch_set``; ``fold="all"`` does every fold in turn.
+    ``train --set sampler=patch_set``. ``fold`` as in :func:`train` (``"every"``: each fold in turn; ``"all"``:
+    every case in both files).
 
     Returns:
         Per fold, the summary of :func:`decathlete.data.patchset.write_patch_set` (``folder``, ``train``, ``val``).
     """
+    from decathlete.data.folds import parse_folds
     from decathlete.data.patchset import write_patch_set
-    from decathlete.data.splits import fold_count
+    from decathlete.data.splits import expand_folds
 
-    folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
-    return [write_patch_set(workdir, configuration, k, n_train, n_val, seed=seed, progress=progress) for k in folds]
+    return [write_patch_set(workdir, configuration, k, n_train, n_val, seed=seed, progress=progress)
+            for k in expand_folds(workdir, parse_folds(fold))]
 
 
-def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str = 0, *, recipe: str | None = None,
-          overrides: Sequence[str] = (), epochs: int | None = None, iterations_per_epoch: int | None = None,
-          val_iterations: int = 50, device: str = "auto", resume: bool = False, seed: int = 0,
-          num_workers: int | None = None, compile: bool = False, time_budget: str | float | None = None,
-          model_dir: str | Path | None = None, progress: bool = True,
+def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | str | Sequence[int | str] = 0, *,
+          recipe: str | None = None, overrides: Sequence[str] = (), epochs: int | None = None,
+          iterations_per_epoch: int | None = None, val_iterations: int = 50, device: str = "auto",
+          resume: bool = False, seed: int = 0, num_workers: int | None = None, compile: bool = False,
+          time_budget: str | float | None = None, model_dir: str | Path | None = None, progress: bool = True,
           callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """Train one fold of a planned, preprocessed configuration, or every fold in turn with ``fold="all"``.
+    """Train folds of a planned, preprocessed configuration in turn. ``fold``: a fold number, ``"all"`` (nnU-Net's:
+    one model trained on every case, ``fold_all``), several of these, or ``"every"`` (each cross-validation fold;
+    see `decathlete.data.folds`).
 
     Writes ``WORKDIR/models/<configuration>/<recipe>/fold_<k>/`` (or ``model_dir/fold_<k>``): checkpoints,
     ``training_log.txt``, ``progress.png`` and the run's plans, recipe and settings.
@@ -169,11 +173,12 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | st
         One summary per fold: ``folder``, ``epochs``, ``steps``, ``ema_dice``, ``best_ema_dice``, ``seconds``,
         ``stopped_by_time_budget``, ``stopped_by_callback``.
     """
-    from decathlete.data.splits import fold_count
+    from decathlete.data.folds import parse_folds
+    from decathlete.data.splits import expand_folds
     from decathlete.train.trainer import TrainOptions
     from decathlete.train.trainer import train as train_fold
 
-    folds = range(fold_count(workdir)) if fold == "all" else [int(fold)]
+    folds = expand_folds(workdir, parse_folds(fold))
     options = dict(recipe=recipe, overrides=overrides, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                    val_iterations=val_iterations, device=device, resume=resume, seed=seed, num_workers=num_workers,
                    compile=compile, time_budget=time_budget, model_dir=model_dir, progress=progress)
@@ -182,7 +187,7 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | st
 
 
 def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
-            folds: Sequence[int] | str | None = None, *, checkpoint: str = "checkpoint_final.pth",
+            folds: int | str | Sequence[int | str] | None = None, *, checkpoint: str = "checkpoint_final.pth",
             recipe: str | None = None, overrides: Sequence[str] = (), tta: bool | None = None,
             step: float | None = None, whole_volume: bool = True, postprocess: bool = True,
             save_probabilities: bool = False, overwrite: bool = False, on_conflict: str = "refuse",
@@ -192,7 +197,8 @@ def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, co
 
     Args:
         model: work folder, or a ``models/<configuration>/<recipe>`` folder of ``fold_<k>``.
-        folds: folds to ensemble; None or ``"all"`` = every fold whose training finished (the others are named in
+        folds: folds to ensemble: fold numbers and/or ``"all"`` (the ``fold_all`` model, trained on every case);
+            None or ``"every"`` = every cross-validation fold whose training finished (the others are named in
             ``skipped_folds``).
         checkpoint: checkpoint file name in each fold folder.
         recipe: which recipe's folds, when a work folder holds several.
@@ -206,8 +212,9 @@ def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, co
             them.
 
     Returns:
-        ``n_cases``, ``n_done``, ``n_skipped``, ``seconds``, ``folds`` (the fold folders used), ``skipped_folds``,
-        ``case_seconds``, ``outputs`` (case id -> file) and ``efficiency`` (what ``efficiency.json`` holds).
+        ``n_cases``, ``n_done``, ``n_skipped``, ``seconds``, ``model`` (the folder of the fold folders), ``folds``
+        (the fold folders used), ``skipped_folds``, ``case_seconds``, ``outputs`` (case id -> file) and
+        ``efficiency`` (what ``efficiency.json`` holds).
 
     Raises:
         decathlete.errors.CasesFailed: after the other cases are written, naming the cases that failed.
@@ -220,12 +227,15 @@ def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, co
                           postprocess=postprocess, whole_volume=whole_volume, overrides=overrides)
 
 
-def crossval(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
+def crossval(workdir: str | Path, configuration: str = "3d_fullres",
+             folds: int | str | Sequence[int | str] = "every", *,
              recipe: str | None = None, checkpoint: str = "checkpoint_final.pth", overrides: Sequence[str] = (),
              tta: bool | None = None, step: float | None = None, whole_volume: bool = True, workers: int = 1,
              overwrite: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Every trained fold predicts its held-out cases from the raw images; the predictions are scored per fold and
     together, and the connected-component postprocessing is chosen on them (:mod:`decathlete.crossval`).
+    ``folds``: fold numbers, or ``"every"`` (each cross-validation fold, all finished); ``"all"`` is refused, as
+    ``fold_all`` holds no case out.
 
     Returns:
         ``folds``, ``n_cases``, ``mean`` (per label: Dice, NSD, HD95 ...), ``foreground_mean``,

@@ -72,6 +72,10 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     add_json(p, _show_preprocess)
 
 
+_FOLDS_HELP = ("fold number(s) (default 0); 'all': one model trained on every case (nnU-Net's fold_all); 'every': "
+               "each cross-validation fold in turn")
+
+
 def _add_patches(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("patches", help="pre-extract a fold's training and validation patches into HDF5 files",
                        description="Draw N training patches (training crop size, the fold's training cases) and N "
@@ -82,7 +86,7 @@ def _add_patches(sub: argparse._SubParsersAction) -> None:
                                    "interrupted run resumes; finished files are skipped.")
     p.add_argument("workdir", help="work folder written by `decathlete plan` and `decathlete preprocess`")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
-    p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
+    p.add_argument("-f", "--fold", nargs="+", default=["0"], metavar="FOLD", help=_FOLDS_HELP)
     p.add_argument("--train", type=int, required=True, metavar="N", help="training patches (>= 1)")
     p.add_argument("--val", type=int, required=True, metavar="N", help="validation patches (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
@@ -93,8 +97,7 @@ def _add_patches(sub: argparse._SubParsersAction) -> None:
 def _cmd_patches(args: argparse.Namespace) -> list[dict[str, Any]]:
     from decathlete.api import patches
 
-    fold = args.fold if args.fold == "all" else int(args.fold)
-    return patches(args.workdir, args.configuration, fold, n_train=args.train, n_val=args.val, seed=args.seed)
+    return patches(args.workdir, args.configuration, args.fold, n_train=args.train, n_val=args.val, seed=args.seed)
 
 
 def _show_patches(summaries: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -117,14 +120,15 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one fold (or all) of a planned, preprocessed configuration",
-                       description="Train WORKDIR's configuration on one cross-validation fold into "
+    p = sub.add_parser("train", help="train a fold (or several) of a planned, preprocessed configuration",
+                       description="Train WORKDIR's configuration on one cross-validation fold (or, with -f all, "
+                                   "on every case, as nnU-Net's fold 'all') into "
                                    "WORKDIR/models/<config>/<recipe>/fold_<k>/ (checkpoints, training_log.txt, "
                                    "progress.png, plans/recipe/run settings). Under torchrun, every process trains "
                                    "its share of the batch (DDP) and rank 0 writes.")
     p.add_argument("workdir", help="work folder written by `decathlete plan` and `decathlete preprocess`")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
-    p.add_argument("-f", "--fold", default="0", help="fold index, or 'all' for every fold in turn")
+    p.add_argument("-f", "--fold", nargs="+", default=["0"], metavar="FOLD", help=_FOLDS_HELP)
     p.add_argument("--recipe", help="registered recipe (default: the one the plans were made with)")
     add_set(p, "optimizer.lr=3e-4 or augment.p_elastic=0.2")
     p.add_argument("-o", "--output", metavar="DIR",
@@ -150,8 +154,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     from decathlete.api import train
 
-    fold = args.fold if args.fold == "all" else int(args.fold)
-    return train(args.workdir, args.configuration, fold, recipe=args.recipe, overrides=args.overrides,
+    return train(args.workdir, args.configuration, args.fold, recipe=args.recipe, overrides=args.overrides,
                  epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
                  val_iterations=args.val_iterations, device=args.device, resume=args.resume, seed=args.seed,
                  num_workers=args.workers, compile=args.compile, time_budget=args.time_budget, model_dir=args.output)
@@ -171,8 +174,10 @@ def _add_model_options(p: argparse.ArgumentParser, default_folds: str, folds_hel
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
 
 
-def _folds(args: argparse.Namespace) -> str | list[int]:
-    return "all" if args.folds == ["all"] else [int(f) for f in args.folds]
+def _folds(args: argparse.Namespace) -> str | list[int | str]:
+    from decathlete.data.folds import parse_folds
+
+    return parse_folds(args.folds)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -185,8 +190,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the label maps")
     p.add_argument("-m", "--model", required=True, metavar="WORKDIR",
                    help="work folder (or WORKDIR/models/<config>/<recipe>) holding the trained folds")
-    _add_model_options(p, default_folds="all", folds_help="folds to ensemble (default 'all': every fold whose "
-                       "training finished, as nnU-Net's default 0-4; unfinished ones are left out and reported)")
+    _add_model_options(p, default_folds="every", folds_help="folds to ensemble: numbers and/or 'all' (the model "
+                       "trained on every case, fold_all); default 'every': every cross-validation fold whose training "
+                       "finished, as nnU-Net's default 0-4 (unfinished ones are left out and reported; fold_all only "
+                       "when named)")
     p.add_argument("--step", type=float, help="sliding-window step as a fraction of the patch (default: the "
                    "recipe's inference.step, 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write OUT/<case>.npz with probabilities")
@@ -229,7 +236,8 @@ def _add_crossval(sub: argparse._SubParsersAction) -> None:
                                    "postprocessing.json (applied by `predict`) under "
                                    "WORKDIR/models/<config>/<recipe>/.")
     p.add_argument("workdir", help="work folder with trained folds")
-    _add_model_options(p, default_folds="all", folds_help="folds (default: every trained fold)")
+    _add_model_options(p, default_folds="every", folds_help="cross-validation folds (default 'every': every "
+                       "trained one; 'all' is refused: fold_all holds no case out)")
     p.add_argument("-j", "--workers", type=workers, default=1, help="processes for scoring")
     p.set_defaults(func=_cmd_crossval)
     add_json(p, _show_crossval)

@@ -1,6 +1,8 @@
 """Cross-validation: predict every fold's held-out cases, score them, and choose the postprocessing on them.
 
-``decathlete crossval WORKDIR -c CONFIG [-f FOLDS]`` after training. Each fold's model predicts the validation cases of
+``decathlete crossval WORKDIR -c CONFIG [-f FOLDS]`` after training (default: every cross-validation fold; each must
+have finished training, since a score of some folds is not the cross-validation score; ``fold_all`` is refused: it
+was trained on every case and holds none out). Each fold's model predicts the validation cases of
 its split from the RAW images (exactly what ``predict`` does for new data: preprocessing, sliding window, TTA,
 inversion, written with the input's geometry), so these scores are what a user gets, not the trainer's patch-based
 pseudo-Dice. Writes, under ``WORKDIR/models/<config>/<recipe>/``:
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from decathlete.data.folds import ALL, EVERY, fold_of, parse_folds
 from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
-from decathlete.infer.models import resolve_fold_dirs
+from decathlete.infer.models import resolve_fold_dirs, trained_folds, unfinished
 from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
 from decathlete.infer.predictor import Predictor
 from decathlete.io.atomic import write_json_atomic
@@ -32,7 +35,8 @@ from decathlete.planning.plans import Plans
 from decathlete.recipes.base import Recipe
 
 
-def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str = "all", *,
+def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
+                   folds: Sequence[int | str] | int | str = EVERY, *,
                    recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None,
                    step: float | None = None, workers: int = 1, overwrite: bool = False, progress: bool = True,
                    whole_volume: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -42,9 +46,12 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
 
     Returns:
         ``{"folds", "n_cases", "mean", "foreground_mean", "postprocessing", "postprocessed_mean", "folder"}``.
+
+    Raises:
+        ValueError: fold ``all`` asked for. FileNotFoundError: a fold whose training did not finish (with the fixes).
     """
     workdir = Path(workdir)
-    fold_dirs = resolve_fold_dirs(workdir, configuration, folds, recipe)
+    fold_dirs = _finished_folds(workdir, configuration, folds, recipe, checkpoint)
     root = fold_dirs[0].parent
     pairs: list[tuple[str, Path, Path]] = []
     for fold_dir in fold_dirs:
@@ -60,7 +67,7 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
                 "rule": "the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
                         "reported, none is applied"}
-    spec["folds"] = [int(d.name.split("_")[1]) for d in fold_dirs]
+    spec["folds"] = [fold_of(d.name) for d in fold_dirs]
     save_postprocessing(spec, root)
     result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],
               "foreground_mean": summary["foreground_mean"], "postprocessing": {
@@ -71,6 +78,22 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres", folds
         result["postprocessed_mean"] = scored["mean"]
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
+
+
+def _finished_folds(workdir: Path, configuration: str, folds: Sequence[int | str] | int | str, recipe: str | None,
+                    checkpoint: str) -> list[Path]:
+    """The cross-validation folds to score, all finished (refused otherwise, with the fixes)."""
+    spec = parse_folds(folds)
+    if spec != EVERY and ALL in spec:
+        raise ValueError("fold 'all' was trained on every case and holds none out, so it has no cross-validation "
+                         "score; crossval the cross-validation folds (`-f every`, the default, or fold numbers)")
+    fold_dirs = resolve_fold_dirs(workdir, configuration, spec, recipe)
+    done, skipped = trained_folds(fold_dirs, checkpoint, configuration, offer_fold_all=False)
+    if skipped:
+        left = [d for d in fold_dirs if d.name in skipped]
+        raise FileNotFoundError(f"{unfinished(left, checkpoint, configuration)}; or score only the finished folds: "
+                                f"`-f {' '.join(str(fold_of(d.name)) for d in done)}`")
+    return done
 
 
 @dataclass
@@ -93,7 +116,9 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     cases from the raw images into ``fold_dir/validation/`` and scores them there (``summary.json``), without
     postprocessing."""
     fold_dir = Path(fold_dir)
-    fold = int(fold_dir.name.split("_")[1])
+    fold = fold_of(fold_dir.name)
+    if fold is None:
+        raise ValueError(f"{fold_dir} is no fold folder (fold_<k> or fold_all)")
     plans = Plans.load(fold_dir / "plans.json")
     cases = {c.id: c for c in load_dataset(plans.dataset["root"]).training}
     scheme = LabelScheme.from_dataset(plans.dataset)

@@ -17,7 +17,8 @@ it is, and the sampler refuses a file whose crop size is not its own).
 Which cases: the fold's split as training reads it (`decathlete.data.splits.fold_split`): ``train.h5`` from the
 training cases, cropped at the training crop size (the augmentation's input size, ``build_augmentation(recipe,
 config)[1]``, so that rotation and scaling still have their margin), ``val.h5`` from the validation cases at the
-patch size. No case is in both, as in the paper (71 validation scans, 210 training scans).
+patch size. No case is in both, as in the paper (71 validation scans, 210 training scans), except for fold ``all``
+(``fold_all``), which trains and validates on every case as nnU-Net's fold ``all`` does.
 
 Drawing: in blocks of ``block`` patches, each with the sampler's ``sample_batch(block, rng)`` and its own generator
 ``np.random.default_rng([seed, KIND_CODES[kind], block_index])``. A block is thus a pure function of (seed, file,
@@ -88,8 +89,9 @@ PLAN_KEYS = ("spacing", "normalization", "resampling", "crop_to_nonzero", "trans
              "patch_size", "data_identifier")
 
 
-def patch_folder(workdir: str | Path, data_identifier: str, fold: int) -> Path:
-    """``WORKDIR/patches/<data_identifier>/fold_<k>``: where a fold's ``train.h5`` and ``val.h5`` live."""
+def patch_folder(workdir: str | Path, data_identifier: str, fold: int | str) -> Path:
+    """``WORKDIR/patches/<data_identifier>/fold_<k>`` (``fold_all`` for fold ``"all"``): where a fold's ``train.h5``
+    and ``val.h5`` live."""
     return Path(workdir) / "patches" / data_identifier / f"fold_{fold}"
 
 
@@ -98,14 +100,15 @@ def block_rng(seed: int, kind: str, block_index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), KIND_CODES[kind], int(block_index)])
 
 
-def write_patch_set(workdir: str | Path, configuration: str, fold: int, n_train: int, n_val: int, *, seed: int = 0,
-                    block: int = DEFAULT_BLOCK, progress: bool = True) -> dict[str, Any]:
+def write_patch_set(workdir: str | Path, configuration: str, fold: int | str, n_train: int, n_val: int, *,
+                    seed: int = 0, block: int = DEFAULT_BLOCK, progress: bool = True) -> dict[str, Any]:
     """Draw and store a fold's training and validation patches (module docstring); resumes an interrupted run.
 
     Args:
         workdir: planned and preprocessed work folder.
         configuration: configuration of its plans.json (``3d_fullres`` ...).
-        fold: cross-validation fold; its split is the one training uses (``WORKDIR/splits.json``, created if absent).
+        fold: cross-validation fold, or ``"all"`` (every case in both files, as training on fold ``all`` reads
+            them); its split is the one training uses (``WORKDIR/splits.json``, created if absent).
         n_train, n_val: patches in ``train.h5`` and ``val.h5``.
         seed: seed of the draws (with the file and block index).
         block: patches drawn per ``sample_batch`` call; sets the forced share through the sampler's rounding.
@@ -362,7 +365,8 @@ def _write_command(case_dir: Path, case_ids: set[str]) -> str:
         config = names[0] if len(names) == 1 else config
         splits = json.loads((workdir / "splits.json").read_text())
         folds = [k for k, s in enumerate(splits) if case_ids in (set(s["train"]), set(s["val"]))]
-        fold = str(folds[0]) if len(folds) == 1 else fold
+        every = {case for s in splits for case in s["train"] + s["val"]}
+        fold = str(folds[0]) if len(folds) == 1 else "all" if case_ids == every else fold
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # a generic command is still a usable hint
     return f"decathlete patches {workdir} -c {config} -f {fold} --train N --val N"

@@ -1,6 +1,7 @@
 """Cross-validation splits: a user's ``splits.json`` wins; otherwise a seeded k-fold split written to the work folder.
 
-The file format is nnU-Net's: a list of ``{"train": [ids], "val": [ids]}``, one entry per fold.
+The file format is nnU-Net's: a list of ``{"train": [ids], "val": [ids]}``, one entry per fold. Fold ``all``
+(`decathlete.data.folds`) is nnU-Net's: every case of the splits is both its training and its validation set.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decathlete.data.folds import ALL, EVERY, Fold, FoldSpec
 from decathlete.io.atomic import write_json_atomic
 from decathlete.planning.plans import Plans
 
@@ -63,11 +65,24 @@ def preprocessed_ids(workdir: str | Path, plans: Plans) -> list[str]:
     return sorted(ids)
 
 
-def fold_split(workdir: str | Path, plans: Plans, fold: int) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...]}`` of one fold (the splits are created when missing)."""
+def missing_preprocessed(workdir: str | Path, data_identifier: str, case_ids: Sequence[str]) -> list[str]:
+    """The ids among ``case_ids`` without a complete case in ``WORKDIR/preprocessed/<data_identifier>``."""
+    from decathlete.preprocess.cache import list_cases
+
+    have = set(list_cases(Path(workdir) / "preprocessed" / data_identifier))
+    return sorted(set(case_ids) - have)
+
+
+def fold_split(workdir: str | Path, plans: Plans, fold: Fold) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}`` of one fold (the splits are created when missing); fold ``"all"``: every
+    case of the splits in both, as nnU-Net's ``do_split`` for fold ``all``."""
     splits = load_or_create_splits(workdir, preprocessed_ids(workdir, plans), plans.dataset.get("splits"))
+    if fold == ALL:
+        every = sorted({case for split in splits for part in ("train", "val") for case in split[part]})
+        return {"train": every, "val": list(every)}
     if not 0 <= fold < len(splits):
-        raise ValueError(f"fold {fold} does not exist: the splits have folds 0..{len(splits) - 1}")
+        raise ValueError(f"fold {fold} does not exist: the splits have folds 0..{len(splits) - 1} (and 'all', one "
+                         "model trained on every case)")
     return splits[fold]
 
 
@@ -75,3 +90,8 @@ def fold_count(workdir: str | Path) -> int:
     """Number of cross-validation folds of the work folder's splits (created when missing)."""
     plans = Plans.load(Path(workdir) / "plans.json")
     return len(load_or_create_splits(workdir, preprocessed_ids(workdir, plans), plans.dataset.get("splits")))
+
+
+def expand_folds(workdir: str | Path, folds: FoldSpec) -> list[Fold]:
+    """The folds to train (or draw patches for): ``"every"`` = each cross-validation fold of the splits."""
+    return list(range(fold_count(workdir))) if folds == EVERY else list(folds)

@@ -6,61 +6,124 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from decathlete.data.folds import ALL, EVERY, fold_name, fold_of, parse_folds
+from decathlete.io.checkpoint import LATEST
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import Recipe, RecipeError, get_recipe, saved_recipe, validate
 
 
 def resolve_fold_dirs(
-    model: str | Path, configuration: str, folds: Sequence[int] | str | None, recipe: str | None = None
+    model: str | Path, configuration: str, folds: Sequence[int | str] | int | str | None, recipe: str | None = None
 ) -> list[Path]:
     """The fold folders of a model: ``model`` is a work folder or a ``models/<config>/<recipe>`` folder.
 
     Args:
         model: ``WORKDIR`` (holding ``models/<configuration>/<recipe>/fold_<k>``) or the folder of ``fold_<k>``.
         configuration: configuration name (work folders only).
-        folds: fold numbers; ``"all"`` or None = every ``fold_<k>`` present.
+        folds: fold numbers and/or ``"all"`` (the ``fold_all`` model); ``"every"`` or None = every cross-validation
+            fold present (``fold_<k>``; ``fold_all`` only when named, as nnU-Net's auto-detection).
         recipe: recipe name (work folders only); None = the plans' recipe, or the only one trained.
 
     Raises:
-        FileNotFoundError: no such model or fold. ValueError: several recipes trained and none chosen.
+        FileNotFoundError: no such model or fold (naming the command that trains it). ValueError: several recipes
+            trained and none chosen, or a word that is no fold.
     """
-    root = Path(model)
-    base = root
-    if not list(root.glob("fold_*")):
-        trained = root / "models" / configuration
-        names = sorted(d.name for d in trained.iterdir() if d.is_dir()) if trained.is_dir() else []
-        if not names:
-            raise FileNotFoundError(
-                f"{root} holds no trained '{configuration}' model: expected "
-                f"{trained}/<recipe>/fold_<k> (`decathlete train`) or a folder of fold_<k>"
-            )
-        if recipe is None:
-            planned = Plans.load(root / "plans.json").recipe if (root / "plans.json").is_file() else None
-            if planned not in names and len(names) > 1:
-                raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
-            recipe = planned if planned in names else names[0]
-        base = trained / recipe
-    if folds is None or folds == "all":
-        found = sorted((d for d in base.glob("fold_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]))
-    else:
-        found = [base / f"fold_{int(k)}" for k in folds]
-    missing = [str(d) for d in found if not d.is_dir()]
-    if not found or missing:
-        raise FileNotFoundError(f"missing fold folders under {base}: {', '.join(missing) or 'none trained'}")
+    base = _model_base(Path(model), configuration, recipe)
+    spec = parse_folds(folds)
+    numbered = sorted((d for d in base.glob("fold_*") if d.is_dir() and isinstance(fold_of(d.name), int)),
+                      key=lambda d: fold_of(d.name))
+    fold_all = base / fold_name(ALL)
+    present = numbered + ([fold_all] if fold_all.is_dir() else [])
+    if spec == EVERY:
+        if not numbered:
+            only_all = ", only fold_all (one model trained on every case): name it with `-f all`" if present else ""
+            raise FileNotFoundError(f"{base} holds no cross-validation fold (fold_<k>){only_all}")
+        return numbered
+    found = [base / fold_name(k) for k in spec]
+    missing = [d for d in found if not d.is_dir()]
+    if missing:
+        holds = ", ".join(d.name for d in present) or "no fold"
+        raise FileNotFoundError(f"{base} has no {', '.join(d.name for d in missing)} (it holds {holds}); train it "
+                                f"with `{train_command(missing[0], configuration)}`")
     return found
 
 
-def trained_folds(fold_dirs: Sequence[Path], checkpoint: str) -> tuple[list[Path], list[str]]:
+def _model_base(root: Path, configuration: str, recipe: str | None) -> Path:
+    """The folder of the ``fold_*`` folders: ``root`` itself, or the recipe's under ``root/models/<config>``."""
+    if list(root.glob("fold_*")):
+        return root
+    trained = root / "models" / configuration
+    names = sorted(d.name for d in trained.iterdir() if d.is_dir()) if trained.is_dir() else []
+    if not names:
+        raise FileNotFoundError(
+            f"{root} holds no trained '{configuration}' model: expected "
+            f"{trained}/<recipe>/fold_<k> (`decathlete train`) or a folder of fold_<k>"
+        )
+    if recipe is None:
+        planned = Plans.load(root / "plans.json").recipe if (root / "plans.json").is_file() else None
+        if planned not in names and len(names) > 1:
+            raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
+        recipe = planned if planned in names else names[0]
+    return trained / recipe
+
+
+def trained_folds(fold_dirs: Sequence[Path], checkpoint: str, configuration: str,
+                  offer_fold_all: bool = True) -> tuple[list[Path], list[str]]:
     """The fold folders holding ``checkpoint``, and the names of those that do not (their training unfinished).
 
     Raises:
-        FileNotFoundError: when none holds it.
+        FileNotFoundError: when none holds it, saying for each fold why and what to do (with ``offer_fold_all``,
+            naming a finished ``fold_all`` as the other way).
     """
     done = [d for d in fold_dirs if (d / checkpoint).is_file()]
     if not done:
-        raise FileNotFoundError(f"no fold under {fold_dirs[0].parent} holds {checkpoint} (is training finished? "
-                                f"`--checkpoint checkpoint_latest.pth` uses the latest one)")
+        base = fold_dirs[0].parent
+        offer = offer_fold_all and (base / fold_name(ALL) / checkpoint).is_file() and \
+            all(fold_of(d.name) != ALL for d in fold_dirs)
+        other = "; or use the model trained on every case: `-f all`" if offer else ""
+        raise FileNotFoundError(f"no fold under {base} holds {checkpoint}: "
+                                f"{unfinished(fold_dirs, checkpoint, configuration)}{other}")
     return done, [d.name for d in fold_dirs if d not in done]
+
+
+def check_trained(fold_dirs: Sequence[Path], checkpoint: str, configuration: str) -> None:
+    """Every named fold must hold ``checkpoint``.
+
+    Raises:
+        FileNotFoundError: naming each fold without it, that its training did not finish, and the fixes.
+    """
+    missing = [d for d in fold_dirs if not (d / checkpoint).is_file()]
+    if missing:
+        raise FileNotFoundError(unfinished(missing, checkpoint, configuration))
+
+
+def unfinished(fold_dirs: Sequence[Path], checkpoint: str, configuration: str) -> str:
+    """Why each of these fold folders lacks ``checkpoint`` (its training did not finish) and what to do."""
+    parts = []
+    for d in fold_dirs:
+        command = train_command(d, configuration)
+        if (d / LATEST).is_file():
+            fixes = [f"finish it with `{command} --resume`"]
+            if checkpoint != LATEST:
+                fixes.append(f"use its latest weights with `--checkpoint {LATEST}`")
+            parts.append(f"fold {fold_of(d.name)}'s training did not finish ({d} has no {checkpoint}); "
+                         + ", or ".join(fixes))
+        else:  # a crash before the first epoch ended, or a folder an older version left: train starts it anew
+            parts.append(f"fold {fold_of(d.name)}'s training did not finish ({d} holds no checkpoint: it stopped "
+                         f"before its first epoch ended); train it again with `{command}`")
+    return "; ".join(parts)
+
+
+def train_command(fold_dir: Path, configuration: str) -> str:
+    """The ``decathlete train`` command that writes ``fold_dir`` (``-o`` when it is not a work folder's)."""
+    base, fold = fold_dir.parent, fold_of(fold_dir.name)
+    workdir = base.parent.parent.parent
+    if base.parent.name == configuration and base.parent.parent.name == "models" and \
+            (workdir / "plans.json").is_file():
+        planned = Plans.load(workdir / "plans.json").recipe
+        return f"decathlete train {workdir} -c {configuration} -f {fold}" + \
+            ("" if base.name == planned else f" --recipe {base.name}")
+    return f"decathlete train WORKDIR -c {configuration} -f {fold} -o {base}"
 
 
 def model_recipe(fold_dirs: Sequence[Path], plans: Plans, overrides: Sequence[str] = ()) -> Recipe:

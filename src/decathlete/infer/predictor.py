@@ -40,11 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from decathlete import registry
+from decathlete.data.folds import EVERY, parse_folds
 from decathlete.devices import memory_format, resolve_device
 from decathlete.errors import CasesFailed
 from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
 from decathlete.infer.efficiency import EfficiencyMeter, phase
-from decathlete.infer.models import model_recipe, resolve_fold_dirs, trained_folds
+from decathlete.infer.models import check_trained, model_recipe, resolve_fold_dirs, trained_folds
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
 from decathlete.infer.provenance import Provenance, file_digest
 from decathlete.infer.sliding_window import sliding_window_predict
@@ -117,9 +118,10 @@ class Predictor:
     Args:
         model: work folder or ``models/<config>/<recipe>`` folder (see `resolve_fold_dirs`).
         configuration: ``3d_fullres``, ``2d``, ``3d_lowres``.
-        folds: folds to ensemble; ``"all"`` or None (the default, as nnU-Net's folds 0-4) = every trained fold: each
+        folds: folds to ensemble: fold numbers and/or ``"all"`` (the ``fold_all`` model, trained on every case);
+            ``"every"`` or None (the default, as nnU-Net's folds 0-4) = every finished cross-validation fold: each
             ``fold_<k>`` holding ``checkpoint``; a fold folder without it (training unfinished) is left out and named
-            in ``skipped_folds``. Named folds must all hold it.
+            in ``skipped_folds``; ``fold_all`` is used only when named. Named folds must all hold it.
         checkpoint: checkpoint file name in each fold folder.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         tta: mirroring test-time augmentation (None: the recipe's ``inference.tta``, on by default).
@@ -134,15 +136,17 @@ class Predictor:
             tile, as nnU-Net does.
     """
 
-    def __init__(self, model: str | Path, configuration: str = "3d_fullres", folds: Sequence[int] | str | None = None,
-                 checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None, step: float | None = None,
-                 recipe: str | None = None, *, overrides: Sequence[str] = (),
+    def __init__(self, model: str | Path, configuration: str = "3d_fullres",
+                 folds: Sequence[int | str] | int | str | None = None, checkpoint: str = FINAL, device: str = "auto",
+                 tta: bool | None = None, step: float | None = None, recipe: str | None = None, *,
+                 overrides: Sequence[str] = (),
                  mirror_axes: Sequence[int] | None = None, batch_tiles: int | None = None, postprocess: bool = True,
                  whole_volume: bool = True) -> None:  # fmt: skip
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
-        if folds is None or folds == "all":
-            self.fold_dirs, self.skipped_folds = trained_folds(self.fold_dirs, checkpoint)
+        if parse_folds(folds) == EVERY:
+            self.fold_dirs, self.skipped_folds = trained_folds(self.fold_dirs, checkpoint, configuration)
         else:
+            check_trained(self.fold_dirs, checkpoint, configuration)
             self.skipped_folds = []
         self.plans = Plans.load(self.fold_dirs[0] / "plans.json")
         self.config, self.config_name = self.plans.configuration(configuration), configuration
@@ -296,10 +300,10 @@ class Predictor:
 
         Returns:
             ``{"n_cases", "n_done", "n_skipped", "seconds", "model", "folds", "skipped_folds", "case_seconds",
-            "outputs", "efficiency"}`` (model: the folder of the folds; folds: the fold folders ensembled;
-            outputs: case id -> file; skipped_folds: unfinished ones left out; efficiency: the ``efficiency.json``
-            written, None when no case was predicted).
-            ``OUT/provenance.json`` records which run made each output.
+            "outputs", "efficiency"}`` (outputs: case id -> file; model: the folder of the fold folders; folds: the
+            fold folders ensembled (``fold_all`` only when asked for); skipped_folds: unfinished ones left out;
+            efficiency: the ``efficiency.json`` written, None when no case was predicted). ``OUT/provenance.json``
+            records which run made each output, with the model folder and the folds used and left out.
 
         Raises:
             ValueError: ``output_dir`` is or lies inside ``input_dir``. RuntimeError: after the other cases are
@@ -328,7 +332,8 @@ class Predictor:
         for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
             if stale.is_file() and any(is_temporary_of(stale, n) for n in finals):
                 stale.unlink(missing_ok=True)
-        provenance = Provenance(output_dir, self.run_description())
+        provenance = Provenance(output_dir, self.run_description(), {
+            "model": str(self.fold_dirs[0].parent), "skipped_folds": self.skipped_folds})
         existing = [cid for cid in cases if targets[cid].exists()]
         conflicts = {} if overwrite else provenance.conflicts(existing)
         if conflicts and on_conflict == "refuse":
@@ -369,7 +374,7 @@ class Predictor:
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
-                   folds: Sequence[int] | str | None = None, *, overwrite: bool = False,
+                   folds: Sequence[int | str] | int | str | None = None, *, overwrite: bool = False,
                    save_probabilities: bool = False, progress: bool = True, on_conflict: str = "refuse",
                    **predictor_kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """`Predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) + `Predictor.predict_folder`."""

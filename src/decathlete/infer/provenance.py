@@ -2,7 +2,9 @@
 same model with the same settings already wrote.
 
 A run is described by its model (fold names, checkpoint contents), configuration, recipe and the settings that
-change a label map (mirroring axes, step, tile weighting, whole-volume inference, postprocessing).
+change a label map (mirroring axes, step, tile weighting, whole-volume inference, postprocessing). Its record also
+keeps context that is not part of that identity: where the model folder was and which unfinished folds were left
+out (a moved model, or a fold that another process is still training, makes the same label maps).
 Each case's entry is written before its label map (which is written last, atomically): a kill between the two leaves
 an entry without a label map, which the next run simply predicts. A label map whose entry names another run, or that
 has no entry, was made by something else: ``predict`` refuses it with the fix, and ``crossval``, which owns its
@@ -39,9 +41,13 @@ def run_key(description: Mapping[str, Any]) -> str:
 class Provenance:
     """The provenance file of one output folder."""
 
-    def __init__(self, output_dir: Path, description: Mapping[str, Any]) -> None:
+    def __init__(self, output_dir: Path, description: Mapping[str, Any],
+                 context: Mapping[str, Any] | None = None) -> None:
+        """``description`` identifies the run; ``context`` (keys other than the description's) is recorded with
+        it, as of the latest run with that identity."""
         self.path = Path(output_dir) / PROVENANCE_FILE
         self.description = json.loads(json.dumps(description, sort_keys=True))
+        self.context = json.loads(json.dumps(dict(context or {}), sort_keys=True))
         self.key = run_key(self.description)
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.runs: dict[str, Any] = data.get("runs", {})
@@ -67,5 +73,5 @@ class Provenance:
     def record(self, case: str) -> None:
         """Note that this run is writing ``case`` (before its label map is written)."""
         self.cases[case] = self.key
-        self.runs[self.key] = self.description
+        self.runs[self.key] = {**self.description, **self.context}
         write_json_atomic(self.path, {"runs": self.runs, "cases": self.cases})

@@ -26,11 +26,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint safely (``weights_only=True``).
 
     Raises:
-        FileNotFoundError: naming the file and how to get one.
+        FileNotFoundError: naming the file (callers that know why it is missing check first and say so).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first (`decathlete train`) or drop --resume")
+        raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

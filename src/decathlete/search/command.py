@@ -23,7 +23,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trial-budget", default="2m", metavar="DURATION",
                    help="wall-clock training time of every trial (default 2m); scoring comes on top")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration in plans.json")
-    p.add_argument("-f", "--fold", type=int, default=0, help="fold whose validation cases score the trials")
+    p.add_argument("-f", "--fold", type=_one_fold, default=0,
+                   help="the cross-validation fold whose validation cases score the trials (one number)")
     p.add_argument("--recipe", help="registered recipe (default: the one the plans were made with)")
     add_set(p, "loss.name=topk_ce; every trial gets them before the space's values")
     p.add_argument("--sampler", default="tpe", help="tpe (default), random or random-around-best")
@@ -45,6 +46,15 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--workers", type=int, default=1, help="processes for scoring")
     p.set_defaults(func=run_search)
     add_json(p, show_search)
+
+
+def _one_fold(value: str) -> int:
+    from decathlete.data.folds import single_fold
+
+    try:
+        return single_fold(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"search scores trials on one fold's held-out cases: {err}") from None
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:

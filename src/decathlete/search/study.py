@@ -33,6 +33,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from decathlete.data.folds import single_fold
 from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes import build
@@ -129,6 +130,10 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
                                 "`decathlete preprocess` first")
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration(options.configuration)
+    try:
+        single_fold(options.fold)
+    except ValueError as err:
+        raise SearchError(f"search scores trials on one fold's held-out cases: {err}") from None
     if options.metric not in ("dice", "iou"):
         raise SearchError(f"--metric must be dice or iou, got '{options.metric}'")
     if options.sampler not in names("search_samplers"):

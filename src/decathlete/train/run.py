@@ -29,7 +29,7 @@ class RunSettings:
     """The resolved settings of one training run (JSON, saved with the model; --resume refuses other ones)."""
 
     configuration: str
-    fold: int
+    fold: int | str  # a cross-validation fold, or "all" (decathlete.data.folds)
     recipe: dict[str, Any]
     seed: int = 0
     val_iterations: int = 50
@@ -63,13 +63,15 @@ class TrainState:
         "pseudo_dice_per_class": []})
 
 
-def model_folder(workdir: str | Path, configuration: str, recipe: str, fold: int) -> Path:
-    """``WORKDIR/models/<configuration>/<recipe>/fold_<k>``."""
+def model_folder(workdir: str | Path, configuration: str, recipe: str, fold: int | str) -> Path:
+    """``WORKDIR/models/<configuration>/<recipe>/fold_<k>`` (``fold_all`` for fold ``"all"``)."""
     return Path(workdir) / "models" / configuration / recipe / f"fold_{fold}"
 
 
-def write_run_files(out: Path, plans: Plans, config: Configuration, settings: RunSettings) -> None:
-    """Everything needed to rebuild and reproduce the model, next to its checkpoints."""
+def write_run_files(out: Path, plans: Plans, config: Configuration, settings: RunSettings,
+                    split: dict[str, list[str]] | None = None) -> None:
+    """Everything needed to rebuild and reproduce the model, next to its checkpoints (``split``: the fold's
+    training and validation cases, recorded in ``run.json``)."""
     out.mkdir(parents=True, exist_ok=True)
     plans.save(out / "plans.json")
     write_json_atomic(out / RECIPE_FILE, settings.recipe)
@@ -77,10 +79,18 @@ def write_run_files(out: Path, plans: Plans, config: Configuration, settings: Ru
         "settings": asdict(settings), "configuration": asdict(config), "command": sys.argv,
         "versions": {"decathlete": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "plugins": registry.loaded_plugins()})
+        "plugins": registry.loaded_plugins(), "split": _split_record(settings.fold, split)})
     for stale in out.glob(".tmp-*"):  # what writes cut short by a kill left behind
         if is_temporary_of(stale):
             stale.unlink(missing_ok=True)
+
+
+def _split_record(fold: int | str, split: dict[str, list[str]] | None) -> dict[str, Any] | None:
+    if split is None:
+        return None
+    rule = ("fold 'all' (nnU-Net's): every case of the splits, both trained on and validated on; no held-out case"
+            if fold == "all" else f"cross-validation fold {fold} of the splits: validated on its held-out cases")
+    return {"rule": rule, "train": list(split["train"]), "val": list(split["val"])}
 
 
 def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -114,13 +124,17 @@ def restore(out: Path, settings: RunSettings, model: torch.nn.Module,
     Returns:
         The saved state and the total of steps the saved run's schedule ran over.
     """
+    if not (out / ckpt.LATEST).is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no run to resume (no {ckpt.LATEST}: its training never "
+                                "finished an epoch there); train without --resume to start it")
     saved = ckpt.load_checkpoint(out / ckpt.LATEST)
     old, new = _comparable(saved["settings"]["recipe"]), _comparable(settings.recipe)
     if old != new or saved["settings"]["seed"] != settings.seed:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ValueError(f"--resume: the recipe or seed differs from the run in {out} (recipe fields: "
                          f"{', '.join(changed) or 'none'}; seed {saved['settings']['seed']} vs {settings.seed}); "
-                         "start a new run elsewhere or use the same settings")
+                         f"resume with the same settings, or start over: delete {out}, or train into another folder "
+                         "with -o DIR")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     old_recipe = saved["settings"]["recipe"]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from decathlete.data.splits import fold_split
+from decathlete.data.folds import ALL, Fold, fold_name
+from decathlete.data.splits import fold_split, missing_preprocessed
 from decathlete.devices import memory_format, resolve_device
 from decathlete.io import checkpoint as ckpt
 from decathlete.planning.budget import parse_duration
@@ -43,7 +44,8 @@ class TrainOptions:
     """What to train and how (`train` resolves it into the `RunSettings` saved with the model).
 
     Attributes:
-        configuration, fold: what to train.
+        configuration, fold: what to train; fold ``"all"`` is nnU-Net's: one model trained and validated on every
+            case of the splits, in ``fold_all`` (`decathlete.data.folds`).
         recipe: registered recipe; None = the one the plans were made for (as resolved there).
         overrides: dotted recipe overrides (``"optimizer.lr=3e-4"``, see `decathlete.recipes.base`).
         epochs, iterations_per_epoch: the run's length (default: the plan's for a time budget, else the recipe's).
@@ -60,7 +62,7 @@ class TrainOptions:
     """
 
     configuration: str = "3d_fullres"
-    fold: int = 0
+    fold: Fold = 0
     recipe: str | None = None
     overrides: Sequence[str] = ()
     epochs: int | None = None
@@ -136,7 +138,7 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
     config = plans.configuration(options.configuration)
     name = options.recipe or plans.recipe
     model_dir = Path(options.model_dir) if options.model_dir else workdir / "models" / options.configuration / name
-    out = model_dir / f"fold_{options.fold}"
+    out = model_dir / fold_name(options.fold)
     recipe = _resolve_recipe(plans, config, options, out, workdir)
     config = build.trained_configuration(recipe, config)  # the recipe's dropout, activation ... on the planned net
     plans = replace(plans, configurations={**plans.configurations, options.configuration: config})
@@ -193,6 +195,7 @@ def _seed_for(*parts: int) -> int:
 def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, settings: records.RunSettings,
            world: World, dev: torch.device, out: Path, options: TrainOptions) -> _Run:
     split = fold_split(workdir, plans, settings.fold)
+    _check_preprocessed(workdir, config, settings, split)  # before the fold folder exists: no stub left behind
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build.build_network(config, plans).to(dev, memory_format=memory_format(dev, config.spatial_dims))
     optimizer = build.build_optimizer(recipe, model)
@@ -200,9 +203,10 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     if options.resume:
         state, saved_total = records.restore(out, settings, model, optimizer)
     elif world.is_main and (out / ckpt.LATEST).exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue or extend it")
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue or extend it, or start over: "
+                              f"delete {out}, or train into another folder with -o DIR")
     if world.is_main:
-        records.write_run_files(out, plans, config, settings)
+        records.write_run_files(out, plans, config, settings, split)
     net = torch.compile(model) if settings.compile else model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -219,6 +223,9 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     log = TrainingLog(out / "training_log.txt", world.is_main)
     log(f"training {settings.configuration} fold {settings.fold} on {dev} (world {world.size}): "
         f"{len(split['train'])} train / {len(split['val'])} val cases, batch {batch}/rank, patch {config.patch_size}")
+    if settings.fold == ALL:
+        log("fold 'all' (nnU-Net's): trained and validated on every case of the splits, so its pseudo-Dice is no "
+            "held-out score")
     schedule, total = build.build_schedule(recipe), settings.epochs * settings.iterations_per_epoch
     if options.resume and settings.time_budget is None:
         _continue_schedule(schedule, state, saved_total, total, log)
@@ -226,6 +233,18 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
                 build.base_learning_rate(recipe), state,
                 TrainingClock(settings.time_budget, state.seconds, state.schedule_anchor), log, options.progress,
                 total_steps=total)
+
+
+def _check_preprocessed(workdir: Path, config: Configuration, settings: records.RunSettings,
+                        split: dict[str, list[str]]) -> None:
+    """Every case of the fold must be preprocessed for this configuration (else the sampler fails mid-setup)."""
+    cases = sorted(set(split["train"]) | set(split["val"]))
+    missing = missing_preprocessed(workdir, config.data_identifier, cases)
+    if missing:
+        raise FileNotFoundError(
+            f"fold {settings.fold} of '{settings.configuration}': {len(missing)} of its {len(cases)} cases are not "
+            f"preprocessed in {workdir / 'preprocessed' / config.data_identifier} (e.g. {missing[0]}); run "
+            f"`decathlete preprocess {workdir} -c {settings.configuration}` first")
 
 
 def _continue_schedule(schedule: Callable[[int, int], float], state: records.TrainState, saved_total: int,
