@@ -1,5 +1,5 @@
-"""Which memory a plan is sized to: nnU-Net's GPU budget by default, a share of RAM for a CPU plan; recorded in
-plans.json and printed by ``decathlete plan``."""
+"""Which memory a plan is sized to: nnU-Net's GPU budget by default, a share of RAM for a CPU plan, and ``tiny``'s
+own small budgets; recorded in plans.json and printed by ``decathlete plan``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ def test_default_plan_is_sized_to_the_gpu_budget() -> None:
     assert preset.memory_target.kind == "cpu_ram"  # a GPU preset does not override a CPU plan's RAM
     assert rules.plan_nnunet(LARGE, DATASET, get_recipe("resenc_l")).memory_target == MemoryTarget("gpu", 24.0,
                                                                                                    "recipe")
+
+
+def test_tiny_stays_small_on_large_images() -> None:
+    tiny = get_recipe("tiny")
+    default = rules.plan_nnunet(LARGE, DATASET, get_recipe("default")).configurations["3d_fullres"]
+    gpu = rules.plan_nnunet(LARGE, DATASET, tiny).configurations["3d_fullres"]
+    assert gpu.patch_size == [80, 96, 80] and gpu.batch_size == 2  # before its own budget: 144x176x144 (the image)
+    assert math.prod(gpu.patch_size) < math.prod(default.patch_size) / 3
+    big_machine = rules.plan_nnunet(LARGE, DATASET, tiny, memory=memory.ram_target(ram_gb=256.0))
+    cpu = big_machine.configurations["3d_fullres"]
+    assert big_machine.memory_target == MemoryTarget("cpu_ram", tiny.planning.ram_gb, "recipe")
+    assert cpu.memory_estimate_gb <= tiny.planning.ram_gb and math.prod(cpu.patch_size) <= 96**3
+    # a dataset whose whole image fits keeps the plan it had (hippocampus: nnU-Net's 40x56x40, batch 9)
+    hippo = rules.plan_nnunet(fake_fingerprint((36, 50, 35), (1.0, 1.0, 1.0), n_cases=260), DATASET, tiny)
+    assert (hippo.configurations["3d_fullres"].patch_size, hippo.configurations["3d_fullres"].batch_size) == \
+        ([40, 56, 40], 9)
 
 
 def test_budget_narrowing_keeps_the_cpu_estimate() -> None:
