@@ -104,5 +104,6 @@ def test_accepted_kwargs_leave_out_what_the_framework_supplies() -> None:
 def test_resolve_applies_values_after_overrides() -> None:
     recipe = resolve_recipe("tiny", ["epochs=3"], iterations_per_epoch=4, epochs=None)
     assert (recipe.epochs, recipe.iterations_per_epoch) == (3, 4)
-    assert recipe.planning == Planning(base_features=8, max_features_3d=64, max_features_2d=128)
+    assert recipe.planning == Planning(base_features=8, max_features_3d=64, max_features_2d=128, gpu_memory_gb=0.5,
+                                       ram_gb=1.5)
     assert recipe.differences(replace(recipe, epochs=9), ("net", "epochs")) == ["epochs"]

@@ -15,6 +15,7 @@ problem listed (``DatasetError``). Heavy modules (torch) are imported inside the
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from decathlete.fingerprint import compute_fingerprint, save_fingerprint
 from decathlete.io.datasets import DatasetDescription
 from decathlete.io.validation import Problem, check_dataset, validate_dataset
 from decathlete.planning.budget import device_description, fit_to_budget, parse_duration
+from decathlete.planning.memory import plans_for_cpu, ram_target
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import resolve_recipe
 from decathlete.recipes.build import with_recipe_regions
@@ -48,13 +50,14 @@ def dataset_summary(desc: DatasetDescription) -> dict[str, Any]:
 
 def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, planner: str | None = None,
          recipe: str = "default", workers: int = 1, progress: bool = True, time_budget: str | float | None = None,
-         device: str = "auto", configurations: Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Plans:
+         device: str = "auto", configurations: Sequence[str] | None = None, overrides: Sequence[str] = (),
+         ram_gb: float | None = None) -> Plans:
     """Validate, fingerprint and plan; writes ``WORKDIR/fingerprint.json`` and ``WORKDIR/plans.json``.
 
     Args:
         dataset: raw dataset folder (MSD or nnU-Net v2 layout).
         workdir: output folder (created).
-        gpu_memory_gb: memory budget the patch and batch are fitted to, in GiB.
+        gpu_memory_gb: GPU memory budget the patch and batch are fitted to, in GiB.
         planner: registered planner name (default: the recipe's).
         recipe: registered recipe name.
         overrides: dotted recipe overrides (``planning.batch_size=1`` ...); the resolved recipe goes into the plans.
@@ -63,13 +66,17 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         time_budget: wall-clock training budget per configuration (``"20m"``, ``"6h"`` or seconds): each
             configuration is narrowed and batched to fit it, by step times measured on ``device``
             (:mod:`decathlete.planning.budget`).
-        device: where the budget's step times are measured (``cpu``, ``cuda``, ``auto``).
+        device: where the budget's step times are measured (``cpu``, ``cuda``, ``auto``). A plan for the CPU
+            (``cpu``, or ``auto`` without CUDA when there is a ``time_budget``) is sized to a share of the machine's
+            RAM instead of ``gpu_memory_gb`` (:mod:`decathlete.planning.memory`); otherwise the plan is nnU-Net's.
         configurations: keep only these configurations (default: all the planner made).
+        ram_gb: the physical RAM a CPU plan is sized to a share of, in GiB (default: this machine's).
 
     Raises:
         DatasetError: listing every problem of the dataset, before anything is written.
     """
     budget_s = parse_duration(time_budget) if time_budget is not None else None  # a typo fails before the work
+    memory = {"memory": ram_target(ram_gb)} if plans_for_cpu(device, budget_s is not None) else {}
     # a bad recipe, override or planner name fails before the long fingerprint step
     chosen = resolve_recipe(recipe, [*overrides, *([f"planner={planner}"] if planner else [])])
     desc = check_dataset(dataset, workers=workers)
@@ -77,7 +84,10 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
     workdir = Path(workdir)
     fingerprint = compute_fingerprint(desc, workers=workers, progress=progress)
     save_fingerprint(fingerprint, workdir / "fingerprint.json")
-    plans = get("planners", chosen.planner)(fingerprint, summary, chosen, gpu_memory_gb=gpu_memory_gb)
+    planner = get("planners", chosen.planner)
+    if "memory" not in inspect.signature(planner).parameters:
+        memory = {}  # a plugin planner without the keyword plans for the GPU, and its plans' memory_target says so
+    plans = planner(fingerprint, summary, chosen, gpu_memory_gb=gpu_memory_gb, **memory)
     plans.recipe, plans.recipe_settings = chosen.name, chosen.to_dict()  # whatever the planner wrote
     if configurations:
         missing = [c for c in configurations if c not in plans.configurations]

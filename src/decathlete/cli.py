@@ -43,7 +43,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="dataset folder containing dataset.json")
     p.add_argument("-o", "--output", required=True, metavar="WORKDIR", help="work folder to write the plans into")
     p.add_argument("--gpu-memory", type=float, default=8.0, metavar="GiB",
-                   help="memory budget the patch and batch size are fitted to (default 8)")
+                   help="GPU memory budget the patch and batch size are fitted to (default 8; a plan for the CPU is "
+                        "fitted to half of this machine's RAM instead)")
     p.add_argument("--planner", help="registered planner (default: the recipe's; see `decathlete list planners`)")
     p.add_argument("--recipe", default="default", help="registered recipe (see `decathlete list recipes`)")
     add_set(p, "planning.batch_size=1 or planning.target_spacing=[2.5,0.8,0.8]")
@@ -52,7 +53,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="training wall-clock budget per configuration (e.g. 20m, 6h): the network is narrowed and "
                         "batched until it fits, by step times measured on --device")
-    p.add_argument("--device", default="auto", help="where --time-budget measures step times: cpu, cuda, auto")
+    p.add_argument("--device", default="auto",
+                   help="where --time-budget measures step times: cpu, cuda, auto; cpu (or auto without CUDA, with a "
+                        "--time-budget) also sizes patch and batch to this machine's RAM instead of --gpu-memory")
     p.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG",
                    help="keep only these configurations (e.g. 3d_fullres; saves probing time with a budget)")
     p.set_defaults(func=_cmd_plan)
@@ -215,7 +218,8 @@ def _show_plan(result: dict[str, Any], args: argparse.Namespace) -> int:
               "spacings below are in that order")
     for name, c in plans.configurations.items():
         print(f"{name:11s} spacing {_fmt(c.spacing)}  patch {_fmt(c.patch_size)}  batch {c.batch_size}  "
-              f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  ~{c.memory_estimate_gb:.2g} GiB  "
+              f"stages {c.n_stages}  strides {_fmt(c.strides[1:])}  "
+              f"~{c.memory_estimate_gb:.2g} GiB {plans.memory_target.label}  "
               f"{c.parameters / 1e6:.2g} M params")
         if c.training:
             t = c.training

@@ -75,7 +75,8 @@ register_net = _registrar("nets", "a network class (see `decathlete.nets.base` f
 register_loss = _registrar("losses", "a loss class or builder (see `decathlete.losses.base`)")
 register_optimizer = _registrar("optimizers", "an optimiser class or factory ``(params, **kwargs)``")
 register_schedule = _registrar("schedules", "a learning-rate schedule ``(**kwargs) -> (step, total) -> factor``")
-register_planner = _registrar("planners", "a planner ``(fingerprint, dataset, recipe, gpu_memory_gb) -> Plans``")
+register_planner = _registrar("planners", "a planner ``(fingerprint, dataset, recipe, gpu_memory_gb, memory=None) "
+                                          "-> Plans`` (``memory``: a CPU plan's RAM target, optional)")
 register_normalizer = _registrar("normalizers", "a normalisation scheme (``plan`` + ``apply``, "
                                                 "see `decathlete.preprocess.normalization`)")
 register_augmentation = _registrar("augmentations", "an augmentation preset ``(configuration) -> AugmentConfig``")

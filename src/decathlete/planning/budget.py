@@ -103,7 +103,7 @@ def _redescribed(config: Configuration, plans: Plans, kwargs: dict[str, Any], pa
     name = config.network.name
     n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
     params = get("nets", name).parameter_count(n_in, n_out, **kwargs)
-    memory = memory_gb(name, kwargs, patch, batch, n_in, n_out)
+    memory = memory_gb(name, kwargs, patch, batch, n_in, n_out, plans.memory_target.kind)
     return replace(config, features_per_stage=list(kwargs["features_per_stage"]), patch_size=list(patch),
                    network=NetworkSpec(name, kwargs), batch_size=batch, parameters=int(params),
                    memory_estimate_gb=round(memory, 3), notes=list(config.notes))

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from decathlete.labels import LabelScheme
-from decathlete.planning.plans import Plans, inverse_permutation
+from decathlete.planning.memory import resolve_target
+from decathlete.planning.plans import MemoryTarget, Plans, inverse_permutation
 from decathlete.planning.rules import REFERENCE_GB, RESAMPLING, median_shape_at, plan_configuration, summarise
 from decathlete.recipes.base import Recipe
 from decathlete.recipes.build import build_normalization
@@ -47,7 +48,7 @@ def isotropic_spacing(spacing: np.ndarray | list[float], axis: int) -> float:
 
 @register_planner("flare21_2d")
 def plan_flare21_2d(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Recipe,
-                    gpu_memory_gb: float = REFERENCE_GB) -> Plans:
+                    gpu_memory_gb: float = REFERENCE_GB, memory: MemoryTarget | None = None) -> Plans:
     """The 2D configuration on isotropic volumes sliced along the acquisition axis (module docstring)."""
     p = recipe.planning
     median_spacing = np.median(np.array([c["spacing"] for c in fingerprint["cases"]], dtype=float), axis=0)
@@ -60,11 +61,11 @@ def plan_flare21_2d(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe
     median_shape = median_shape_at(fingerprint, spacing, p.crop_to_nonzero, forward)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
-    budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
+    target = resolve_target(recipe, gpu_memory_gb, memory)
     resampling = {**RESAMPLING, "separate_axis_order": 1, "slice_axis": 0, "keep_slice_axis_spacing": False}
     config = plan_configuration(
-        spacing[1:].tolist(), median_shape[1:].tolist(), n_in, n_out, recipe, budget,
-        float(np.prod(median_shape)) * fingerprint["n_cases"], full_spacing=spacing.tolist(),
+        spacing[1:].tolist(), median_shape[1:].tolist(), n_in, n_out, recipe, target.budget_gb,
+        float(np.prod(median_shape)) * fingerprint["n_cases"], memory_kind=target.kind, full_spacing=spacing.tolist(),
         data_identifier="2d_isotropic", normalization=build_normalization(recipe, fingerprint, dataset),
         resampling=resampling, crop_to_nonzero=p.crop_to_nonzero,
         notes=[f"Witanto 2021: z-isotropic at {np.round(spacing, 4).tolist()} mm (median spacing "
@@ -72,6 +73,6 @@ def plan_flare21_2d(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe
                f"median shape {median_shape.astype(int).tolist()}"])
     config.batch_dice = True
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="flare21_2d",
-                 recipe=recipe.name, gpu_memory_gb=budget, configurations={"2d": config},
+                 recipe=recipe.name, gpu_memory_gb=target.budget_gb, configurations={"2d": config},
                  recipe_settings=recipe.to_dict(), transpose_forward=forward,
-                 transpose_backward=inverse_permutation(forward))
+                 transpose_backward=inverse_permutation(forward), memory_target=target)

@@ -47,6 +47,35 @@ class NetworkSpec:
     kwargs: dict[str, Any]
 
 
+MEMORY_KINDS = {"gpu": "GPU", "cpu_ram": "RAM"}  # kind -> how `decathlete plan` names it
+
+
+@dataclass
+class MemoryTarget:
+    """Which memory the patch and batch were sized to, and so what ``memory_estimate_gb`` is about.
+
+    Attributes:
+        kind: ``gpu`` (nnU-Net's estimate: activations under fp16 autocast) or ``cpu_ram`` (fp32 training in this
+            process's resident memory, `decathlete.planning.memory`).
+        budget_gb: the budget the plan was fitted to, in GiB.
+        source: where the budget came from: ``--gpu-memory``, ``recipe`` (a preset's own), or the machine's RAM and
+            the share of it planned for (``RAM 23.4 GiB x 0.5``).
+    """
+
+    kind: str
+    budget_gb: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in MEMORY_KINDS:
+            raise ValueError(f"memory target kind must be one of {', '.join(MEMORY_KINDS)}, got '{self.kind}'")
+
+    @property
+    def label(self) -> str:
+        """``GPU`` or ``RAM``: what a printed estimate is about."""
+        return MEMORY_KINDS[self.kind]
+
+
 @dataclass
 class Configuration:
     """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``).
@@ -62,7 +91,7 @@ class Configuration:
         network: registry key + kwargs that build the network (the same description the memory estimate used).
         median_shape: median case shape at ``spacing`` (z, y, x), after cropping to the nonzero region.
         resampling: orders and anisotropy threshold for preprocessing and its inverse.
-        memory_estimate_gb: estimated training memory for this patch and batch.
+        memory_estimate_gb: estimated training memory for this patch and batch, of the plans' ``memory_target`` kind.
         parameters: trainable parameter count of the network.
         data_identifier: subfolder name of the preprocessed data (configurations with equal spacing may share it).
         spatial_dims: 2 or 3.
@@ -113,13 +142,15 @@ class Plans:
         fingerprint_summary: the planner-relevant part of the fingerprint.
         planner: registry key of the planner.
         recipe: name of the recipe the plans were made for.
-        gpu_memory_gb: the memory budget planned for.
+        gpu_memory_gb: the memory budget planned for, in GiB (of the kind ``memory_target`` names).
         configurations: ``2d``, ``3d_fullres``, ``3d_lowres`` ...
         recipe_settings: that recipe, resolved (with its ``--set`` overrides), as JSON; training starts from it.
         transpose_forward: the data's array axes in the order the configurations use (the coarsest target-spacing
             axis first, the others in their order; nnU-Net v2): array ``a`` becomes ``a.transpose(forward)``.
             Identity for plans made before the field existed.
         transpose_backward: its inverse, which maps a prediction back to the data's own axis order.
+        memory_target: which memory patch and batch were sized to (GPU or this machine's RAM) and why; plans made
+            before the field existed were sized to ``gpu_memory_gb`` of GPU memory.
     """
 
     dataset: dict[str, Any]
@@ -132,8 +163,13 @@ class Plans:
     recipe_settings: dict[str, Any] | None = None
     transpose_forward: list[int] = field(default_factory=lambda: list(IDENTITY))
     transpose_backward: list[int] = field(default_factory=lambda: list(IDENTITY))
+    memory_target: MemoryTarget | None = None
 
     def __post_init__(self) -> None:
+        if self.memory_target is None:
+            self.memory_target = MemoryTarget("gpu", float(self.gpu_memory_gb), "gpu_memory_gb")
+        elif isinstance(self.memory_target, dict):
+            self.memory_target = MemoryTarget(**self.memory_target)
         self.transpose_forward = check_transpose(self.transpose_forward)
         self.transpose_backward = check_transpose(self.transpose_backward)
         if self.transpose_backward != inverse_permutation(self.transpose_forward):

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from decathlete.labels import LabelScheme
-from decathlete.planning.plans import Plans
+from decathlete.planning.memory import resolve_target
+from decathlete.planning.plans import MemoryTarget, Plans
 from decathlete.planning.rules import (
     REFERENCE_GB,
     RESAMPLING,
@@ -63,7 +64,7 @@ def rippel_patch(depths: list[int]) -> list[int]:
 
 @register_planner("rippel2018")
 def plan_rippel2018(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Recipe,
-                    gpu_memory_gb: float = REFERENCE_GB) -> Plans:
+                    gpu_memory_gb: float = REFERENCE_GB, memory: MemoryTarget | None = None) -> Plans:
     """Rippel 2018's rules (module docstring), with the recipe's ``planning`` overrides of spacing and patch."""
     p = recipe.planning
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]], dtype=float)
@@ -74,15 +75,17 @@ def plan_rippel2018(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe
     depths = axis_depths(median_shape)
     n_in = len(fingerprint["channel_names"])
     n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
-    budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
+    target = resolve_target(recipe, gpu_memory_gb, memory)
     config = plan_configuration(
-        spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
+        spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, target.budget_gb,
         float(np.prod(median_shape)) * fingerprint["n_cases"], patch=rippel_patch(depths), topology=TOPOLOGY,
-        data_identifier="3d_fullres", normalization=build_normalization(recipe, fingerprint, dataset),
-        resampling=dict(RESAMPLING), crop_to_nonzero=p.crop_to_nonzero,
+        memory_kind=target.kind, data_identifier="3d_fullres",
+        normalization=build_normalization(recipe, fingerprint, dataset), resampling=dict(RESAMPLING),
+        crop_to_nonzero=p.crop_to_nonzero,
         notes=[f"Rippel 2018: median spacing {np.round(spacing, 4).tolist()} mm, median shape "
                f"{median_shape.astype(int).tolist()}, depth per axis {depths}"])
     config.batch_dice = False
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="rippel2018",
-                 recipe=recipe.name, gpu_memory_gb=budget, configurations={"3d_fullres": config},
-                 recipe_settings=recipe.to_dict(), transpose_forward=forward, transpose_backward=backward)
+                 recipe=recipe.name, gpu_memory_gb=target.budget_gb, configurations={"3d_fullres": config},
+                 recipe_settings=recipe.to_dict(), transpose_forward=forward, transpose_backward=backward,
+                 memory_target=target)

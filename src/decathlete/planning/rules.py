@@ -19,17 +19,22 @@ overrides are read in the planned order, coarse axis first, like the plans they 
 The memory estimate is ``feature_map_elements`` of the registered network built from the very kwargs written to
 plans.json, times a bytes-per-element constant. The constants are calibrated on nnU-Net's reference points (a
 network with 560e6 activation elements per sample trains with batch 2 in 8 GB in 3D; 85e6 with batch 12 in 2D), so
-with the plain U-Net our plans match nnU-Net's, and any other registered network plans through the same seam.
+with the plain U-Net our plans match nnU-Net's, and any other registered network plans through the same seam. A plan
+made for the CPU fits the same rules to a share of the machine's RAM with a CPU estimate instead
+(`decathlete.planning.memory`); the plans' ``memory_target`` says which.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import numpy as np
 
 from decathlete.labels import LabelScheme
-from decathlete.planning.plans import Configuration, NetworkSpec, Plans, inverse_permutation
+from decathlete.planning.memory import cpu_ram_gb, fits_batch, resolve_target
+from decathlete.planning.plans import Configuration, MemoryTarget, NetworkSpec, Plans, inverse_permutation
 from decathlete.recipes.base import Recipe
 from decathlete.recipes.build import build_normalization
 from decathlete.registry import get, register_planner
@@ -135,16 +140,30 @@ def network_kwargs(recipe: Recipe, dims: int, strides: list[list[int]], kernels:
             "n_conv_per_stage_decoder": p.n_conv_per_stage_decoder, **extra}
 
 
-def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: int, n_in: int, n_out: int) -> float:
-    """Training-memory estimate in GiB for ``batch`` samples of ``patch`` through the described network."""
-    elements = get("nets", net_name).feature_map_elements(patch, n_in, n_out, **kwargs)
+def memory_gb(net_name: str, kwargs: dict[str, Any], patch: list[int], batch: int, n_in: int, n_out: int,
+              kind: str = "gpu") -> float:
+    """Training-memory estimate in GiB for ``batch`` samples of ``patch`` through the described network: on a GPU
+    (``kind`` ``gpu``, nnU-Net's) or the CPU process's peak resident memory (``cpu_ram``)."""
+    net = get("nets", net_name)
+    elements = net.feature_map_elements(patch, n_in, n_out, **kwargs)
+    if kind == "cpu_ram":
+        parameters = _parameter_count(net, n_in, n_out, json.dumps(kwargs, sort_keys=True))
+        return cpu_ram_gb(parameters, elements, batch, len(patch))
     return batch * elements * BYTES_PER_ELEMENT[len(patch)] / GIB
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameter_count(net: type, n_in: int, n_out: int, kwargs_json: str) -> int:
+    """``net.parameter_count`` remembered: the patch search asks it for the same few topologies hundreds of times,
+    and each count builds the network (~50 ms). A pure function of the class and its kwargs, so nothing goes stale."""
+    return net.parameter_count(n_in, n_out, **json.loads(kwargs_json))
 
 
 def plan_configuration(spacing: list[float], median_shape: list[float], n_in: int, n_out: int, recipe: Recipe,
                        budget_gb: float, dataset_voxels: float, *, patch: list[int] | None = None,
-                       topology: dict[str, Any] | None = None, **extra: Any) -> Configuration:
-    """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order).
+                       topology: dict[str, Any] | None = None, memory_kind: str = "gpu", **extra: Any) -> Configuration:
+    """Topology, patch and batch for one configuration at ``spacing`` (2 or 3 axes, array order), fitted to
+    ``budget_gb`` of ``memory_kind`` memory (``gpu`` or ``cpu_ram``, see `memory_gb`).
 
     The recipe may fix the patch (``planning.patch_size_3d``/``_2d``: padded up to what the pooling needs, never
     shrunk) and the batch (``planning.batch_size``); the memory rule decides whatever it leaves open. Another
@@ -164,7 +183,7 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
     strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, **depth)
     kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
     smallest_batch = p.batch_size or p.min_batch_size
-    while fixed_patch is None and memory_gb(net, kwargs, patch, smallest_batch, n_in, n_out) > budget_gb:
+    while fixed_patch is None and memory_gb(net, kwargs, patch, smallest_batch, n_in, n_out, memory_kind) > budget_gb:
         ratios = np.asarray(patch) / np.asarray(median_shape)
         axis = int(len(ratios) - 1 - np.argmax(ratios[::-1]))  # the last of equally large axes, as nnU-Net
         trial = list(patch)
@@ -173,15 +192,16 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         patch[axis] -= divisor[axis]
         strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, **depth)
         kwargs = network_kwargs(recipe, dims, strides, kernels, patch)
-    per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out)
-    batch = round(budget_gb / per_sample)
+    fixed = memory_gb(net, kwargs, patch, 0, n_in, n_out, memory_kind)  # the CPU process and its weights; 0 on a GPU
+    per_sample = memory_gb(net, kwargs, patch, 1, n_in, n_out, memory_kind) - fixed
+    batch = fits_batch(budget_gb, fixed, per_sample, memory_kind)
     batch_cap = round(dataset_voxels * p.max_dataset_covered / float(np.prod(patch)))
     batch = p.batch_size or max(min(batch, batch_cap), p.min_batch_size)
     return Configuration(
         spacing=[float(s) for s in extra.pop("full_spacing", spacing)], patch_size=[int(p) for p in patch],
         batch_size=int(batch), strides=strides, kernel_sizes=kernels, features_per_stage=kwargs["features_per_stage"],
         normalization=extra.pop("normalization"), network=NetworkSpec(net, kwargs),
-        median_shape=[int(round(m)) for m in median_shape], memory_estimate_gb=round(per_sample * batch, 3),
+        median_shape=[int(round(m)) for m in median_shape], memory_estimate_gb=round(fixed + per_sample * batch, 3),
         parameters=get("nets", net).parameter_count(n_in, n_out, **kwargs), spatial_dims=dims, **extra)
 
 
@@ -206,10 +226,11 @@ def median_shape_at(fingerprint: dict[str, Any], spacing: np.ndarray, cropped: b
 
 @register_planner("nnunet")
 def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Recipe,
-                gpu_memory_gb: float = REFERENCE_GB) -> Plans:
-    """nnU-Net v2's planning rules (the default planner), with the recipe's ``planning`` overrides."""
+                gpu_memory_gb: float = REFERENCE_GB, memory: MemoryTarget | None = None) -> Plans:
+    """nnU-Net v2's planning rules (the default planner), with the recipe's ``planning`` overrides, fitted to
+    ``gpu_memory_gb`` of GPU memory or to ``memory`` (a CPU plan's share of RAM, `decathlete.planning.memory`)."""
     p = recipe.planning
-    budget = float(p.gpu_memory_gb if p.gpu_memory_gb is not None else gpu_memory_gb)
+    target = resolve_target(recipe, gpu_memory_gb, memory)
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
     shapes = np.array([c["shape_after_crop" if p.crop_to_nonzero else "shape"] for c in fingerprint["cases"]])
     rule_spacing = target_spacing(spacings, shapes)
@@ -222,24 +243,25 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
     common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": dict(RESAMPLING),
               "crop_to_nonzero": p.crop_to_nonzero}
-    configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)}
-    fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe, budget,
-                                 dataset_voxels, data_identifier="3d_fullres", **common)
+    configs = {"2d": _plan_2d(full_spacing, median_shape, n_in, n_out, recipe, target, dataset_voxels, common)}
+    fullres = plan_configuration(full_spacing.tolist(), median_shape.tolist(), n_in, n_out, recipe,
+                                 target.budget_gb, dataset_voxels, data_identifier="3d_fullres",
+                                 memory_kind=target.kind, **common)
     configs["3d_fullres"] = fullres
     if np.prod(fullres.patch_size) / np.prod(median_shape) < LOWRES_THRESHOLD:
-        lowres = _plan_lowres(full_spacing, median_shape, n_in, n_out, recipe, budget, dataset_voxels, common)
+        lowres = _plan_lowres(full_spacing, median_shape, n_in, n_out, recipe, target, dataset_voxels, common)
         if lowres is not None:
             configs["3d_lowres"] = lowres
     # Batch Dice (nnU-Net): over the batch for 2D and for fullres when a lowres stage exists, else per sample.
     configs["2d"].batch_dice = True
     fullres.batch_dice = "3d_lowres" in configs
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
-                 gpu_memory_gb=budget, configurations=configs, recipe_settings=recipe.to_dict(),
-                 transpose_forward=forward, transpose_backward=backward)
+                 gpu_memory_gb=target.budget_gb, configurations=configs, recipe_settings=recipe.to_dict(),
+                 transpose_forward=forward, transpose_backward=backward, memory_target=target)
 
 
 def _plan_2d(full_spacing: np.ndarray, median_shape: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
-             budget: float, dataset_voxels: float, common: dict[str, Any]) -> Configuration:
+             target: MemoryTarget, dataset_voxels: float, common: dict[str, Any]) -> Configuration:
     """Slices along the coarsest axis; that axis keeps each case's spacing (nnU-Net) or, as the recipe says, is
     resampled to the target spacing's or to the in-plane spacing (isotropic volumes)."""
     slice_axis = int(np.argmax(full_spacing)) if np.ptp(full_spacing) > 0 else 0
@@ -252,14 +274,15 @@ def _plan_2d(full_spacing: np.ndarray, median_shape: np.ndarray, n_in: int, n_ou
            "in_plane": f"is resampled to the in-plane {spacing[slice_axis]:.3g} mm"}[mode]
     resampling = {**common["resampling"], "slice_axis": slice_axis, "keep_slice_axis_spacing": mode == "keep"}
     return plan_configuration(
-        full_spacing[in_plane].tolist(), median_shape[in_plane].tolist(), n_in, n_out, recipe, budget,
-        dataset_voxels, full_spacing=spacing.tolist(), data_identifier="2d" if mode == "keep" else f"2d_{mode}",
+        full_spacing[in_plane].tolist(), median_shape[in_plane].tolist(), n_in, n_out, recipe, target.budget_gb,
+        dataset_voxels, memory_kind=target.kind, full_spacing=spacing.tolist(),
+        data_identifier="2d" if mode == "keep" else f"2d_{mode}",
         notes=[f"slices along array axis {slice_axis}; the slice axis {how}"],
         **{**common, "resampling": resampling})
 
 
 def _plan_lowres(full_spacing: np.ndarray, full_median: np.ndarray, n_in: int, n_out: int, recipe: Recipe,
-                 budget: float, dataset_voxels: float, common: dict[str, Any]) -> Configuration | None:
+                 target: MemoryTarget, dataset_voxels: float, common: dict[str, Any]) -> Configuration | None:
     """Coarsen the spacing (the finer axes first when anisotropic, 3% a step) until the patch covers >= 25% of the
     median image at that spacing; None when that stage would be barely coarser than fullres."""
     spacing = full_spacing.astype(float).copy()
@@ -269,8 +292,9 @@ def _plan_lowres(full_spacing: np.ndarray, full_median: np.ndarray, n_in: int, n
             else spacing * LOWRES_SPACING_STEP
         scale = full_spacing / spacing
         median = np.round(full_median * scale)
-        config = plan_configuration(spacing.tolist(), median.tolist(), n_in, n_out, recipe, budget,
-                                    dataset_voxels * float(np.prod(scale)), data_identifier="3d_lowres", **common)
+        config = plan_configuration(spacing.tolist(), median.tolist(), n_in, n_out, recipe, target.budget_gb,
+                                    dataset_voxels * float(np.prod(scale)), data_identifier="3d_lowres",
+                                    memory_kind=target.kind, **common)
         if np.prod(config.patch_size) / np.prod(median) >= LOWRES_THRESHOLD:
             break
     # nnU-Net drops a lowres stage that is barely coarser than fullres: it would add training time for nothing.

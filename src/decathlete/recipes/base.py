@@ -50,7 +50,9 @@ class Planning:
         max_features_3d, max_features_2d: the caps.
         n_blocks_per_stage: encoder blocks per stage (an int, or a list repeated/truncated to the stage count).
         n_conv_per_stage_decoder: convolutions per decoder stage.
-        gpu_memory_gb: a preset's own memory budget (wins over ``plan --gpu-memory``).
+        gpu_memory_gb: a preset's own GPU memory budget (wins over ``plan --gpu-memory``).
+        ram_gb: a preset's own RAM budget for plans made for the CPU (``plan --device cpu``): the smaller of it and
+            the machine's share of RAM (`decathlete.planning.memory`).
         max_dataset_covered: cap on the batch as a fraction of the dataset's voxels (nnU-Net: 0.05).
         crop_to_nonzero: crop every case to its nonzero box (nnU-Net); False plans and preprocesses whole volumes.
         max_stages: the deepest topology: at most this many stages (``max_stages - 1`` downsamplings) however large
@@ -72,6 +74,7 @@ class Planning:
     n_blocks_per_stage: int | tuple[int, ...] = 2
     n_conv_per_stage_decoder: int = 2
     gpu_memory_gb: float | None = None
+    ram_gb: float | None = None
     max_dataset_covered: float = 0.05
     crop_to_nonzero: bool = True
     max_stages: int | None = None
@@ -83,6 +86,8 @@ class Planning:
                               f"got '{self.slice_axis_spacing_2d}'")
         if self.max_stages is not None and self.max_stages < 2:
             raise RecipeError(f"planning.max_stages must be at least 2 (one downsampling), got {self.max_stages}")
+        if self.ram_gb is not None and self.ram_gb <= 0:
+            raise RecipeError(f"planning.ram_gb must be positive, got {self.ram_gb}")
         for name in ("batch_size", "min_batch_size", "base_features"):
             value = getattr(self, name)
             if value is not None and value < 1:

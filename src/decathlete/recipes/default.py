@@ -39,6 +39,15 @@ def resenc_xl() -> Recipe:
 
 @register_recipe("tiny")
 def tiny() -> Recipe:
-    """A narrow U-Net (8 base features) for smoke tests: the default rules at a fraction of the cost."""
+    """A narrow U-Net (8 base features) for smoke tests: the default rules at a fraction of the cost.
+
+    The fraction includes the memory budget: at nnU-Net's 8 GiB a quarter-width network takes the whole image
+    (brain-MR-like 140x170x140 at 1 mm: patch 160x192x160, batch 3). 0.5 GiB of GPU memory (1/16 of 8) gives about a
+    quarter of the default plan's voxels (80x96x80 against 128x128x128, batch 2), and 1.5 GiB of RAM, what that plan
+    needs in a CPU process (`decathlete.planning.memory`), gives the same on the CPU. Images that fit whole plan as
+    before (hippocampus: 40x56x40, batch 9). A budget rather than a patch cap, because under a cap the batch would
+    still grow to fill 8 GiB.
+    """
     return replace(default(), name="tiny", epochs=5, iterations_per_epoch=10,
-                   planning=Planning(base_features=8, max_features_3d=64, max_features_2d=128))
+                   planning=Planning(base_features=8, max_features_3d=64, max_features_2d=128, gpu_memory_gb=0.5,
+                                     ram_gb=1.5))
