@@ -61,8 +61,7 @@ def test_with_width_scales_features_and_recounts(workdir: Path) -> None:
 
 def test_iterations_and_prediction_agree() -> None:
     n = budget.iterations_in(1200, 0.3, 0.1)
-    assert n == int((1200 - budget.STARTUP_SECONDS) / (0.3 + 50 * 0.1 / 250))
-    assert budget.predicted_seconds(n, 0.3, 0.1) <= 1200 + 50 * 0.1  # at most one validation over (rounding up)
+    assert budget.predicted_seconds(n, 0.3, 0.1, 1200) <= 1200 < budget.predicted_seconds(n + 1, 0.3, 0.1, 1200)
     assert budget.iterations_in(1e9, 0.01, 0.01) == budget.MAX_ITERATIONS
 
 
@@ -88,14 +87,15 @@ def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path
     assert t["base_features"] == 16 and chosen.features_per_stage[0] == 16
     assert calls[:4] == [(8, 2), (12, 2), (16, 2), (24, 2)]  # narrowest first, stops after the first too slow
     # Batch 2 at 0.2 s leaves ~2800 steps; batch 3 (0.3 s/step) would leave < 2000: stays 2 unless it fits.
-    per_it = lambda b: 0.1 * b * (1 + 50 / 3 / 250)  # noqa: E731
     expected_batch = max(b for b in range(2, config.batch_size + 1)
-                         if (600 - budget.STARTUP_SECONDS) / per_it(b) >= budget.MIN_ITERATIONS)
+                         if budget.iterations_in(600, 0.1 * b, 0.1 * b / 3) >= budget.MIN_ITERATIONS)
     assert chosen.batch_size == t["batch_size"] == expected_batch
     assert t["iterations"] == t["epochs"] * t["iterations_per_epoch"]
     assert t["iterations"] <= budget.iterations_in(600, t["step_seconds"], t["forward_seconds"])
     assert abs(t["predicted_seconds"] - budget.predicted_seconds(t["iterations"], t["step_seconds"],
-                                                                 t["forward_seconds"])) < 0.1
+                                                                 t["forward_seconds"], 600)) < 0.1
+    assert t["predicted_seconds"] <= 600
+    assert t["val_iterations"] == budget.validation_batches(600, t["epochs"], t["forward_seconds"])
     assert t["planned_without_budget"]["base_features"] == 32
     assert any("time budget" in n for n in chosen.notes)
     # a schedule shorter than nnU-Net's starts from PyTorch's weights, unless the recipe (hence the plan) names one
@@ -120,7 +120,7 @@ def test_fit_with_a_hopeless_budget_says_so(workdir: Path) -> None:
     plans = Plans.load(workdir / "plans.json")
     config = plans.configuration("3d_fullres")
     timer, _ = _fake_timer({w: 5.0 for w in (8, 12, 16, 24, 32)})
-    with pytest.raises(ValueError, match="does not hold one training step"):
+    with pytest.raises(ValueError, match="cannot hold 10 training steps"):
         budget.fit_to_budget(config, plans, 12, torch.device("cpu"), timer, log=lambda _: None)
     chosen = budget.fit_to_budget(config, plans, 300, torch.device("cpu"), timer, log=lambda _: None)
     assert chosen.features_per_stage[0] == 8 and any("undertrained" in n for n in chosen.notes)

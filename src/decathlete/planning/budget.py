@@ -22,6 +22,11 @@ the recipe allows rule 5):
 5. Crop, only for a recipe that allows it (``planning.budget_crop``, e.g. SegResNet's batch-1 large crop): when even
    the narrowest width leaves fewer than ``MIN_ITERATIONS``, the patch shrinks on the same topology (the axis with the
    largest patch/median ratio first, as nnU-Net's memory rule) until they fit or the bottleneck is 4 voxels.
+Validation is sized to the budget, by the trainer's rule (`validation_batches`): its batches per epoch keep it within
+``VAL_SHARE`` of the budget over the run, so the iterations and the predicted seconds charge the same validation. A
+budget that cannot hold ``MIN_BUDGET_STEPS`` steps of the narrowest (or cropped) network and one validation batch is
+refused rather than planned with a note: its training could neither learn nor keep to its cap, and refusing at plan
+time spares the preprocessing.
 Step times are measured, never assumed: the caller passes ``measure``, which times the very training step the trainer
 runs (`decathlete.train.probe.time_step`: augmentation of a random batch of the configuration's input size, forward,
 the recipe's loss, backward, clipping, optimiser step), the median of 5 after 2 warm-up steps. Larger batches are
@@ -54,6 +59,10 @@ MIN_ITERATIONS = 2000
 MAX_ITERATIONS = 250_000  # nnU-Net's 1000 epochs x 250
 ITERATIONS_PER_EPOCH = 250
 VAL_ITERATIONS = 50
+# Validation's share of a budget over the run. nnU-Net spends 50 forwards per 250 steps, ~7 % of its time at a forward
+# of a third of a step; 10 % keeps its 50 batches on such plans and trims them only where they would eat the budget.
+VAL_SHARE = 0.10
+MIN_BUDGET_STEPS = 10  # the fewest steps (and one validation) a budget must hold, or the run is refused up front
 STARTUP_SECONDS = 5.0  # process start, data opening, first-batch warm-up: measured ~2-4 s on 2 cores
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -109,20 +118,62 @@ def _redescribed(config: Configuration, plans: Plans, kwargs: dict[str, Any], pa
                    memory_estimate_gb=round(memory, 3), notes=list(config.notes))
 
 
-def seconds_per_iteration(step_s: float, forward_s: float) -> float:
-    """One optimiser step plus its share of the validation forwards (50 per epoch of 250 steps)."""
-    return step_s + VAL_ITERATIONS * forward_s / ITERATIONS_PER_EPOCH
+def validation_batches(budget_s: float, epochs: int, forward_s: float | None, default: int = VAL_ITERATIONS) -> int:
+    """Validation batches per epoch under a budget: as many as keep the run's validation within ``VAL_SHARE`` of
+    the budget (``epochs x batches x forward <= VAL_SHARE x budget``), between 1 and ``default`` (nnU-Net's 50 is a
+    default, not a rule: 50 forwards of a heavy plan can cost more than a short budget). Without a measured
+    ``forward_s`` one batch, which measures it."""
+    if forward_s is None:
+        return 1
+    if forward_s <= 0:
+        return default
+    return max(1, min(default, int(VAL_SHARE * budget_s / (max(epochs, 1) * forward_s))))
+
+
+def predicted_seconds(iterations: int, step_s: float, forward_s: float, budget_s: float) -> float:
+    """Seconds a run of ``iterations`` steps takes: startup, the steps, and each started epoch's validation sized
+    to ``budget_s`` (`validation_batches`)."""
+    epochs = max(1, math.ceil(iterations / ITERATIONS_PER_EPOCH))
+    return STARTUP_SECONDS + iterations * step_s + epochs * validation_batches(budget_s, epochs, forward_s) * forward_s
 
 
 def iterations_in(budget_s: float, step_s: float, forward_s: float) -> int:
-    """Optimiser steps that fit: ``n * step + (n / 250) * 50 * forward + startup <= budget``."""
-    per_iteration = seconds_per_iteration(step_s, forward_s)
-    return max(0, min(MAX_ITERATIONS, int((budget_s - STARTUP_SECONDS) / per_iteration)))
+    """Optimiser steps that fit: the most ``n`` with ``predicted_seconds(n) <= budget`` (capped at
+    ``MAX_ITERATIONS``), by bisection: fewer steps mean fewer epochs and so less validation, which no closed form
+    of the per-epoch rounding captures."""
+    fits, over = 0, min(MAX_ITERATIONS, int(max(0.0, budget_s - STARTUP_SECONDS) / step_s)) + 1
+    while over - fits > 1:  # ``fits``: the answer so far (0: none fit); ``over``: too many, or past the cap
+        middle = (fits + over) // 2
+        if predicted_seconds(middle, step_s, forward_s, budget_s) <= budget_s:
+            fits = middle
+        else:
+            over = middle
+    return fits
 
 
-def predicted_seconds(iterations: int, step_s: float, forward_s: float) -> float:
-    epochs = math.ceil(iterations / ITERATIONS_PER_EPOCH)
-    return STARTUP_SECONDS + iterations * step_s + epochs * VAL_ITERATIONS * forward_s
+def minimum_budget_seconds(step_s: float, forward_s: float) -> float:
+    """The least budget worth training in: startup, ``MIN_BUDGET_STEPS`` steps and a one-batch validation."""
+    return STARTUP_SECONDS + MIN_BUDGET_STEPS * step_s + forward_s
+
+
+def check_budget_holds(budget_s: float, step_s: float, forward_s: float, measured_on: str, fix: str) -> None:
+    """Refuse (ValueError) a budget below `minimum_budget_seconds`: such a run would stop before it learnt anything,
+    or overrun its cap by a step and a validation. ``fix``: what the user can do about it."""
+    need = minimum_budget_seconds(step_s, forward_s)
+    if budget_s < need:
+        validation = f" and {forward_s:.2f} s per validation batch" if forward_s else ""
+        raise ValueError(f"a time budget of {budget_s:.0f} s cannot hold {MIN_BUDGET_STEPS} training steps and one "
+                         f"validation: they take ~{need:.0f} s at {step_s:.2f} s/step{validation} ({measured_on}); "
+                         f"{fix}, or give at least {math.ceil(need)} s")
+
+
+def check_planned_budget(budget_s: float, training: dict[str, Any], text: str | float) -> None:
+    """`check_budget_holds` before a run's first step, at the step and forward times its plan measured (none
+    without them); ``text``: the budget as the user wrote it, for the fix."""
+    if "step_seconds" in training:
+        check_budget_holds(budget_s, training["step_seconds"], training.get("forward_seconds", 0.0),
+                           f"measured by the plan on {training.get('device', 'its device')}",
+                           f"narrow the network for it with `decathlete plan DATASET -o WORKDIR --time-budget {text}`")
 
 
 def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: torch.device, measure: Measure,
@@ -163,18 +214,18 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     if n < MIN_ITERATIONS and (plans.recipe_settings or {}).get("planning", {}).get("budget_crop", False):
         result, timing = _shrink_crop(result, plans, budget_s, device, measure, timing, records, log)
         n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
-    if n < 1:
-        raise ValueError(f"a budget of {budget_s:.0f} s does not hold one training step of the narrowest network "
-                         f"({timing['step_seconds']:.1f} s/step on {device_description(device)}); give more time")
+    check_budget_holds(budget_s, timing["step_seconds"], timing["forward_seconds"],
+                       f"the narrowest network, measured on {device_description(device)}",
+                       "a smaller patch (plan --gpu-memory 1) or the 2d configuration may fit")
     n = min(n, recipe_iterations(plans))
     epochs = max(1, math.ceil(n / ITERATIONS_PER_EPOCH))
     per_epoch = n // epochs  # rounded down: the plan never asks for more steps than the budget holds
     training = {"budget_seconds": budget_s, "device": device_description(device), "base_features": base,
                 "batch_size": batch, "patch_size": list(result.patch_size), "iterations": epochs * per_epoch,
-                "epochs": epochs, "iterations_per_epoch": per_epoch, "val_iterations": VAL_ITERATIONS,
-                **_rounded(timing),
+                "epochs": epochs, "iterations_per_epoch": per_epoch,
+                "val_iterations": validation_batches(budget_s, epochs, timing["forward_seconds"]), **_rounded(timing),
                 "predicted_seconds": round(predicted_seconds(epochs * per_epoch, timing["step_seconds"],
-                                                             timing["forward_seconds"]), 1),
+                                                             timing["forward_seconds"], budget_s), 1),
                 "planned_without_budget": {"base_features": planned_base, "batch_size": planned_batch,
                                            "patch_size": list(config.patch_size), "parameters": config.parameters},
                 "candidates": records}
@@ -211,12 +262,11 @@ def _shrink_crop(config: Configuration, plans: Plans, budget_s: float, device: t
     divisor = [math.prod(s[a] for s in config.strides) for a in range(config.spatial_dims)]
     floor = [d * MIN_FEATURE_MAP_SIZE for d in divisor]
     median = [int(m) for m in (config.median_shape or config.patch_size)]
-    per_iteration_needed = (budget_s - STARTUP_SECONDS) / MIN_ITERATIONS
     for _ in range(4):
-        per_iteration = seconds_per_iteration(timing["step_seconds"], timing["forward_seconds"])
-        if per_iteration <= per_iteration_needed:
+        n = iterations_in(budget_s, timing["step_seconds"], timing["forward_seconds"])
+        if n >= MIN_ITERATIONS:
             break
-        voxels = math.prod(config.patch_size) * per_iteration_needed / per_iteration
+        voxels = math.prod(config.patch_size) * max(n, 1) / MIN_ITERATIONS
         patch = smaller_patch(list(config.patch_size), median, divisor, floor, voxels)
         if patch == list(config.patch_size):
             break

@@ -6,10 +6,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from decathlete.train.distributed import World, all_reduce_sum
+
+RECENT_EPOCHS = 3  # the refit's window: long enough to ride out one odd epoch, short enough to follow the machine
+BUSY_RATIO = 1.5  # measured s/step this far above the probe's: the machine is busy (or the probe ran quiet)
 
 
 class TrainingClock:
@@ -21,13 +25,15 @@ class TrainingClock:
     """
 
     def __init__(self, budget_s: float | None, already_s: float = 0.0,
-                 anchor: tuple[float, float] | list[float] | None = None) -> None:
-        self.budget_s, self.already_s, self.start = budget_s, already_s, time.perf_counter()
+                 anchor: tuple[float, float] | list[float] | None = None,
+                 now: Callable[[], float] = time.perf_counter) -> None:
+        self.budget_s, self.already_s, self.now = budget_s, already_s, now  # ``now``: a fake clock in tests
+        self.start = now()
         self.anchor = anchor
         self._reached = 0.0
 
     def elapsed(self) -> float:
-        return self.already_s + time.perf_counter() - self.start
+        return self.already_s + self.now() - self.start
 
     def progress(self, step: int, total: int) -> float:
         done = step / max(total, 1)
@@ -40,7 +46,8 @@ class TrainingClock:
         """The step a step-based schedule should be evaluated at: ``step`` itself, or the budget's progress, or on an
         extended run the position that continues its schedule (`schedule_position`)."""
         if self.budget_s:
-            return max(step, int(self.progress(step, total) * total))
+            # not rounded down to a whole step: after a refit to more steps that would undo part of the progress
+            return max(step, self.progress(step, total) * total)
         return schedule_position(step, total, self.anchor)
 
     def out_of_time(self, reserve_s: float = 0.0) -> bool:
@@ -48,15 +55,17 @@ class TrainingClock:
         return bool(self.budget_s) and self.elapsed() + reserve_s >= self.budget_s
 
     def epochs_that_fit(self, epochs_done: int, epoch_seconds: list[float]) -> int | None:
-        """Total epochs the budget holds at the median measured epoch time (training + validation), or None
-        without a budget or a measurement.
+        """Total epochs the budget holds at the median time (training + validation) of the last
+        ``RECENT_EPOCHS`` epochs, or None without a budget or a measurement.
 
         The plan's iteration count rests on a few probe steps, which on a busy machine are off by 20% either way;
         recounting from whole epochs lets a run use the budget it was given instead of ending early or being cut.
+        Only recent epochs count, so a run slowed by other work early on widens back when the machine turns quiet
+        (the median of all epochs would keep it narrow for as long again).
         """
         if not self.budget_s or not epoch_seconds:
             return None
-        per_epoch = statistics.median(epoch_seconds)
+        per_epoch = statistics.median(epoch_seconds[-RECENT_EPOCHS:])
         return epochs_done + max(0, round((self.budget_s - self.elapsed()) / max(per_epoch, 1e-6)))
 
 
@@ -110,3 +119,19 @@ def refit_epochs(clock: TrainingClock, epochs_done: int, epoch_seconds: list[flo
     if fitted is None:
         return planned
     return int(_decided_by_rank0(float(fitted), world, dev))
+
+
+def achieved_vs_planned(steps: int, step_seconds: float | None, planned: dict[str, Any] | None) -> list[str]:
+    """Lines for the log of a budgeted run's end: ``steps`` done against the plan's iterations, the measured
+    ``step_seconds`` against the probe's, and whether the machine looked busy (``BUSY_RATIO``). Empty without a
+    plan made for a budget or without a measurement."""
+    if not planned or "step_seconds" not in planned or not step_seconds:
+        return []
+    probed = float(planned["step_seconds"])
+    ratio = step_seconds / max(probed, 1e-9)
+    lines = [f"achieved {steps} steps of the plan's {planned['iterations']}; measured {step_seconds:.3f} s/step "
+             f"against the probe's {probed:.3f} s/step ({ratio:.2f}x)"]
+    if round(ratio, 2) >= BUSY_RATIO:  # as printed: 0.6 s against 0.4 s is 1.5x, whatever the float says
+        lines.append(f"the machine looks busy: steps took {ratio:.1f}x the probe's time (other work competing for "
+                     "the cores?), so fewer steps fit the budget than planned")
+    return lines

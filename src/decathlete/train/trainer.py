@@ -23,13 +23,14 @@ from decathlete.data.folds import ALL, Fold, fold_name
 from decathlete.data.splits import fold_split, missing_preprocessed
 from decathlete.devices import memory_format, resolve_device
 from decathlete.io import checkpoint as ckpt
+from decathlete.planning import budget as budgeting
 from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes import build
 from decathlete.recipes.base import Recipe, saved_recipe, validate
 from decathlete.train import run as records
 from decathlete.train.batches import TrainBatches, ValidationBatches
-from decathlete.train.clock import TrainingClock, budget_spent, extended_anchor, refit_epochs
+from decathlete.train.clock import TrainingClock, achieved_vs_planned, budget_spent, extended_anchor, refit_epochs
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
 from decathlete.train.progress import TrainingLog
 from decathlete.train.step import TrainStep, build_step
@@ -49,7 +50,8 @@ class TrainOptions:
         recipe: registered recipe; None = the one the plans were made for (as resolved there).
         overrides: dotted recipe overrides (``"optimizer.lr=3e-4"``, see `decathlete.recipes.base`).
         epochs, iterations_per_epoch: the run's length (default: the plan's for a time budget, else the recipe's).
-        val_iterations: validation batches per epoch.
+        val_iterations: validation batches per epoch; with a time budget the most, fewer where they would take
+            more than ``VAL_SHARE`` of it (`decathlete.planning.budget.validation_batches`).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         resume: continue the fold folder's run (its own ``recipe.json``), or extend a finished one.
         seed: initial weights, sampling and augmentation.
@@ -120,6 +122,11 @@ class _Run:
     progress: bool
     total_steps: int = 0
     reserve_s: float = 0.0
+    planned: dict[str, Any] = field(default_factory=dict)  # the plan's budget figures (Configuration.training)
+    val_default: int = 50  # the most validation batches per epoch (TrainOptions.val_iterations)
+    val_batch_seconds: float | None = None  # one validation batch: last measured, else the plan's forward
+    train_seconds: float = 0.0  # this session's training, without validation, for the achieved s/step
+    session_steps: int = 0
     out_of_time: bool = False
     stopped: bool = False
     callbacks: list[Callback] = field(default_factory=list)
@@ -151,8 +158,15 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
     settings = records.RunSettings(options.configuration, options.fold, recipe.to_dict(), options.seed,
                                    options.val_iterations, workers, dev.type, options.compile,
                                    time_budget=parse_duration(budget) if budget is not None else None)
+    planned = config.training or {}
     try:
+        if settings.time_budget:  # refused before the fold folder is written; validation sized to the budget
+            budgeting.check_planned_budget(settings.time_budget, planned, budget)
+            settings.val_iterations = budgeting.validation_batches(
+                settings.time_budget, settings.epochs, planned.get("forward_seconds"), options.val_iterations)
         run = _setup(workdir, plans, config, recipe, settings, world, dev, out, options)
+        run.planned, run.val_default = planned, options.val_iterations
+        run.val_batch_seconds = planned.get("forward_seconds")
         run.callbacks = list(callbacks)
         summary = _loop(run)
         # Leave together: a rank tearing the group down while another still writes can leave that one waiting on
@@ -161,6 +175,17 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
         return summary
     finally:
         shutdown(world)
+
+
+def _check_measured_step(run: _Run, step_s: float) -> None:
+    """`check_planned_budget` for a plan without step times, at the run's second step (the first pays warm-up):
+    timing steps before the run would cost as much as the steps it makes anyway."""
+    if run.settings.time_budget and "step_seconds" not in run.planned:
+        budget = run.settings.time_budget  # the ranks' mean step: every rank refuses, or none
+        step_s = float(all_reduce_sum(torch.tensor(step_s, device=run.dev), run.world).item()) / run.world.size
+        budgeting.check_budget_holds(budget, step_s, run.val_batch_seconds or 0.0, "measured on this run's second "
+                                     "step", f"narrow the network for it with `decathlete plan DATASET -o WORKDIR "
+                                     f"--time-budget {budget:.0f}s`")
 
 
 def _resolve_recipe(plans: Plans, config: Configuration, options: TrainOptions, out: Path, workdir: Path) -> Recipe:
@@ -261,14 +286,33 @@ def _continue_schedule(schedule: Callable[[int, int], float], state: records.Tra
 def _loop(run: _Run) -> dict[str, Any]:
     start = time.perf_counter()
     while run.state.epoch < run.settings.epochs and not (run.out_of_time or run.stopped):
+        _size_validation(run)
         epoch_start = time.perf_counter()
         train_loss, lr = _train_epoch(run)
         val_start = time.perf_counter()
+        run.train_seconds += val_start - epoch_start
         result = validate_epoch(run.net, run.step, run.val_batches, run.dev, run.world, run.state.epoch,
                                 progress=run.progress and run.world.is_main)
         run.reserve_s = time.perf_counter() - val_start
+        run.val_batch_seconds = run.reserve_s / max(run.val_batches.n_batches, 1)
+        run.state.history.setdefault("val_batches", []).append(run.val_batches.n_batches)
         _end_epoch(run, train_loss, result, lr, time.perf_counter() - epoch_start)
     return _finish(run, time.perf_counter() - start)
+
+
+def _size_validation(run: _Run) -> None:
+    """A budgeted run's validation batches for the coming epoch (`validation_batches`, at the last measured seconds
+    per batch, else the plan's forward), and the time its training leaves for them."""
+    budget, settings = run.settings.time_budget, run.settings
+    if not budget:
+        return
+    n = budgeting.validation_batches(budget, settings.epochs, run.val_batch_seconds, run.val_default)
+    if n != run.val_batches.n_batches or run.state.epoch == 0 or run.session_steps == 0:
+        per_batch = "unmeasured" if run.val_batch_seconds is None else f"{run.val_batch_seconds:.2f} s"
+        run.log(f"validation: {n} batches per epoch (at most {run.val_default}; {per_batch} per batch): within "
+                f"{budgeting.VAL_SHARE:.0%} of the {budget:.0f} s budget over {settings.epochs} epochs")
+    run.val_batches.n_batches = settings.val_iterations = n
+    run.reserve_s = n * (run.val_batch_seconds or 0.0)
 
 
 def _train_epoch(run: _Run) -> tuple[float, float]:
@@ -282,11 +326,15 @@ def _train_epoch(run: _Run) -> tuple[float, float]:
         if run.out_of_time and losses:
             break
         lr = run.base_lr * run.schedule(run.clock.schedule_step(state.step, run.total_steps), run.total_steps)
+        step_start = time.perf_counter()
         image, label = run.train_batches.next(run.dev)
         generator = torch.Generator().manual_seed(_seed_for(settings.seed, run.world.rank, state.step))
         losses.append(run.step(image, label, generator, lr))
         state.step += 1
-        bar.set_postfix(loss=f"{losses[-1].item():.3f}", lr=f"{lr:.2e}")
+        run.session_steps += 1
+        bar.set_postfix(loss=f"{losses[-1].item():.3f}", lr=f"{lr:.2e}")  # .item() waits for the step's end
+        if run.session_steps == 2:
+            _check_measured_step(run, time.perf_counter() - step_start)
     mean = all_reduce_sum(torch.stack(losses).mean().float(), run.world)
     return float(mean.item() / run.world.size), lr
 
@@ -342,6 +390,9 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
     summary = {"folder": str(run.out), "epochs": run.state.epoch, "steps": run.state.step,
                "ema_dice": run.state.ema_dice, "best_ema_dice": run.state.best_ema, "seconds": seconds,
                "stopped_by_time_budget": run.out_of_time, "stopped_by_callback": run.stopped}
+    if run.settings.time_budget:
+        for line in achieved_vs_planned(run.state.step, run.train_seconds / max(run.session_steps, 1), run.planned):
+            run.log(line)
     stop = " (time budget reached)" if run.out_of_time else " (stopped by a callback)" if run.stopped else ""
     ema = "n/a" if run.state.ema_dice is None else f"{run.state.ema_dice:.4f}"
     run.log(f"done{stop}: {run.state.epoch} epochs, {run.state.step} steps in {seconds:.0f} s; EMA pseudo-Dice {ema}"
