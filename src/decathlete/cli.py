@@ -139,7 +139,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="folder for fold_<k>/ (default WORKDIR/models/<config>/<recipe>); one per run of a recipe")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--iterations-per-epoch", type=int, help="optimiser steps per epoch (default: the recipe's)")
-    p.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch (default 50)")
+    p.add_argument("--val-iterations", type=int, default=50,
+                   help="validation batches per epoch (default 50; with a time budget at most this many, fewer "
+                        "where they would take over 10%% of the budget)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--resume", action="store_true",
                    help="continue from checkpoint_latest (also extends a finished run to a larger --epochs)")
@@ -168,7 +170,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a built-in synthetic dataset (or --data)",
                        description="Generate a synthetic dataset (30 cases, 10 with --quick; or use --data "
                                    "DATASET), validate it, plan 3d_fullres with the default recipe (nnU-Net's "
-                                   "U-Net) for a training budget of 4 minutes (15 s with --quick): real training "
+                                   "U-Net) for a training budget of 4 minutes (1 minute with --quick): real training "
                                    "steps are timed on --device and the network's width, batch and schedule "
                                    "narrowed until the run fits; then preprocess, train fold 0 until the budget is "
                                    "spent, predict fold 0's held-out cases, evaluate them, print Dice/NSD/HD95 and "
