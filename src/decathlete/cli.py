@@ -226,7 +226,8 @@ def _show_plan(result: dict[str, Any], args: argparse.Namespace) -> int:
         if c.training:
             t = c.training
             print(f"{'':11s} budget {t['budget_seconds']:.0f} s: {t['iterations']} iterations x {t['step_seconds']} s"
-                  f" (measured), predicted {t['predicted_seconds']:.0f} s of training")
+                  f" (measured), {t['val_iterations']} validation batches/epoch, predicted "
+                  f"{t['predicted_seconds']:.0f} s of training")
     print(f"wrote {os.path.join(args.output, 'plans.json')}")
     return 0
 

@@ -307,7 +307,7 @@ def _size_validation(run: _Run) -> None:
     if not budget:
         return
     n = budgeting.validation_batches(budget, settings.epochs, run.val_batch_seconds, run.val_default)
-    if n != run.val_batches.n_batches or run.state.epoch == 0 or run.session_steps == 0:
+    if n != run.val_batches.n_batches or run.session_steps == 0:  # a change, or the session's first
         per_batch = "unmeasured" if run.val_batch_seconds is None else f"{run.val_batch_seconds:.2f} s"
         run.log(f"validation: {n} batches per epoch (at most {run.val_default}; {per_batch} per batch): within "
                 f"{budgeting.VAL_SHARE:.0%} of the {budget:.0f} s budget over {settings.epochs} epochs")
