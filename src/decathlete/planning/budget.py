@@ -151,15 +151,17 @@ def iterations_in(budget_s: float, step_s: float, forward_s: float) -> int:
     return fits
 
 
-def minimum_budget_seconds(step_s: float, forward_s: float) -> float:
+def minimum_budget_seconds(step_s: float, forward_s: float, startup_s: float = STARTUP_SECONDS) -> float:
     """The least budget worth training in: startup, ``MIN_BUDGET_STEPS`` steps and a one-batch validation."""
-    return STARTUP_SECONDS + MIN_BUDGET_STEPS * step_s + forward_s
+    return startup_s + MIN_BUDGET_STEPS * step_s + forward_s
 
 
-def check_budget_holds(budget_s: float, step_s: float, forward_s: float, measured_on: str, fix: str) -> None:
+def check_budget_holds(budget_s: float, step_s: float, forward_s: float, measured_on: str, fix: str,
+                       startup_s: float = STARTUP_SECONDS) -> None:
     """Refuse (ValueError) a budget below `minimum_budget_seconds`: such a run would stop before it learnt anything,
-    or overrun its cap by a step and a validation. ``fix``: what the user can do about it."""
-    need = minimum_budget_seconds(step_s, forward_s)
+    or overrun its cap by a step and a validation. ``fix``: what the user can do about it; ``startup_s``: the part
+    of the budget that goes before the first step (0 for the trainer, whose budget clock starts at its first step)."""
+    need = minimum_budget_seconds(step_s, forward_s, startup_s)
     if budget_s < need:
         validation = f" and {forward_s:.2f} s per validation batch" if forward_s else ""
         raise ValueError(f"a time budget of {budget_s:.0f} s cannot hold {MIN_BUDGET_STEPS} training steps and one "
@@ -169,11 +171,12 @@ def check_budget_holds(budget_s: float, step_s: float, forward_s: float, measure
 
 def check_planned_budget(budget_s: float, training: dict[str, Any], text: str | float) -> None:
     """`check_budget_holds` before a run's first step, at the step and forward times its plan measured (none
-    without them); ``text``: the budget as the user wrote it, for the fix."""
+    without them; no startup: the trainer's clock starts after it); ``text``: the budget as the user wrote it."""
     if "step_seconds" in training:
         check_budget_holds(budget_s, training["step_seconds"], training.get("forward_seconds", 0.0),
                            f"measured by the plan on {training.get('device', 'its device')}",
-                           f"narrow the network for it with `decathlete plan DATASET -o WORKDIR --time-budget {text}`")
+                           f"narrow the network for it with `decathlete plan DATASET -o WORKDIR --time-budget {text}`",
+                           startup_s=0.0)
 
 
 def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: torch.device, measure: Measure,

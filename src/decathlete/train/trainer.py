@@ -185,7 +185,7 @@ def _check_measured_step(run: _Run, step_s: float) -> None:
         step_s = float(all_reduce_sum(torch.tensor(step_s, device=run.dev), run.world).item()) / run.world.size
         budgeting.check_budget_holds(budget, step_s, run.val_batch_seconds or 0.0, "measured on this run's second "
                                      "step", f"narrow the network for it with `decathlete plan DATASET -o WORKDIR "
-                                     f"--time-budget {budget:.0f}s`")
+                                     f"--time-budget {budget:.0f}s`", startup_s=0.0)
 
 
 def _resolve_recipe(plans: Plans, config: Configuration, options: TrainOptions, out: Path, workdir: Path) -> Recipe:
