@@ -39,6 +39,8 @@ def resolve_fold_dirs(
             if planned not in names and len(names) > 1:
                 raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
             recipe = planned if planned in names else names[0]
+        elif recipe not in names:
+            raise FileNotFoundError(f"no recipe '{recipe}' was trained under {trained}: it holds {', '.join(names)}")
         base = trained / recipe
     if folds is None or folds == "all":
         found = sorted((d for d in base.glob("fold_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]))

@@ -139,6 +139,9 @@ class Predictor:
                  recipe: str | None = None, *, overrides: Sequence[str] = (),
                  mirror_axes: Sequence[int] | None = None, batch_tiles: int | None = None, postprocess: bool = True,
                  whole_volume: bool = True) -> None:  # fmt: skip
+        if step is not None and not 0 < step <= 1:  # before any model is loaded, not once per case
+            raise ValueError(f"--step must lie in (0, 1] (the tile distance as a fraction of the patch; 0.5 = half "
+                             f"overlap), got {step}")
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         if folds is None or folds == "all":
             self.fold_dirs, self.skipped_folds = trained_folds(self.fold_dirs, checkpoint)
@@ -176,6 +179,10 @@ class Predictor:
         self.postprocessing = load_postprocessing(self.fold_dirs[0].parent) if postprocess else None
 
     def _load(self, fold_dir: Path, checkpoint: str) -> torch.nn.Module:
+        if not (fold_dir / checkpoint).is_file():  # a named fold: `trained_folds` did not filter it
+            held = ", ".join(sorted(p.name for p in fold_dir.glob("*.pth"))) or "no checkpoint"
+            raise FileNotFoundError(f"{fold_dir} holds no {checkpoint} (it holds {held}): is its training finished? "
+                                    "Choose one with --checkpoint")
         state = load_checkpoint(fold_dir / checkpoint)
         net = build.build_network(self.config, self.plans)
         net.load_state_dict(state["model"])
