@@ -166,7 +166,7 @@ def test_perfect_prediction_in_the_transposed_order_lands_on_the_reference(sagit
     predictor = Predictor(sagittal_work, device="cpu")
     seg = preprocess_case(image, reference, predictor.preprocessing).seg
     onehot = np.eye(3, dtype=np.float32)[np.maximum(seg, 0)].transpose(3, 0, 1, 2)
-    predictor.predict_probabilities = lambda data, progress=False: onehot  # an oracle network: only the geometry is tested
+    predictor.predict_probabilities = lambda data, progress=False: onehot  # an oracle: only geometry is tested
     label, _ = predictor.predict_case(image)
     truth, _ = read_label(reference)
     assert label.shape == truth.shape

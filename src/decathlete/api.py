@@ -76,6 +76,12 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         DatasetError: listing every problem of the dataset, before anything is written.
     """
     budget_s = parse_duration(time_budget) if time_budget is not None else None  # a typo fails before the work
+    if not gpu_memory_gb > 0:  # the memory rule would shrink the patch forever
+        raise ValueError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory_gb}")
+    if budget_s is not None:
+        from decathlete.devices import resolve_device
+
+        dev = resolve_device(device)
     memory = {"memory": ram_target(ram_gb)} if plans_for_cpu(device, budget_s is not None) else {}
     # a bad recipe, override or planner name fails before the long fingerprint step
     chosen = resolve_recipe(recipe, [*overrides, *([f"planner={planner}"] if planner else [])])
@@ -95,10 +101,8 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
             raise KeyError(f"the planner made no configuration {missing}; it made {', '.join(plans.configurations)}")
         plans.configurations = {k: v for k, v in plans.configurations.items() if k in configurations}
     if budget_s is not None:
-        from decathlete.devices import resolve_device
         from decathlete.train.probe import time_step
 
-        dev = resolve_device(device)
         measure = partial(time_step, recipe=chosen)  # the step the trainer will run, timed on the device
         for name, config in plans.configurations.items():
             print(f"fitting {name} to a {budget_s:.0f} s budget on {device_description(dev)}")

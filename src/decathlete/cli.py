@@ -18,7 +18,7 @@ from typing import Any
 
 from decathlete import __version__, registry
 from decathlete.cli_options import add_json, add_set, workers
-from decathlete.errors import CasesFailed
+from decathlete.errors import CasesFailed, ImageReadError
 from decathlete.infer.command import add_crossval, add_predict
 from decathlete.io.validation import DatasetError
 from decathlete.metrics.command import add_evaluate
@@ -296,17 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    for package in args.plugin:
-        registry.load_plugin(package)
+    try:
+        for package in args.plugin:
+            registry.load_plugin(package)
+    except ImportError as err:  # load_plugin names the package and asks whether it is installed
+        print(f"decathlete: error: {err}", file=sys.stderr)
+        return 1
     try:
         return _run(args)
-    except DatasetError as err:
+    except (DatasetError, CasesFailed) as err:  # their messages are lists, one problem or case per line
         print(f"decathlete {args.verb}: {err}", file=sys.stderr)
         return 1
-    except CasesFailed as err:
-        print(f"decathlete {args.verb}: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, ImageReadError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         print(f"decathlete {args.verb}: error: {message}", file=sys.stderr)
         return 1

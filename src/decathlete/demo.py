@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from decathlete import api
+from decathlete.devices import resolve_device
+from decathlete.io.validation import DatasetError
 from decathlete.metrics.efficiency import describe
 from decathlete.planning.plans import Plans
 from decathlete.synthetic import make_synthetic_dataset
@@ -66,13 +68,14 @@ def run_demo(workdir: str | Path = "demo_work", data: str | Path | None = None, 
         now = time.perf_counter()
         timings[stage], clock = now - clock, now
 
+    resolve_device(device)  # a wrong device fails before the dataset is written
     if data is None:
         data = make_synthetic_dataset(workdir / "raw", n_cases=10 if quick else 30)
         print(f"synthetic dataset written to {data}")
     lap("data")
     problems = api.validate(data, workers=workers)
     if problems:
-        raise SystemExit("\n".join(str(p) for p in problems))
+        raise DatasetError(problems, root=data)
     lap("validate")
     resume = any((workdir / "models" / "3d_fullres").glob("*/fold_0/checkpoint_latest.pth"))
     if resume:  # an interrupted demo: keep the plan its checkpoints were made with (a new probe could differ)

@@ -12,7 +12,8 @@ import torch
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    """``auto`` picks CUDA when present; asking for CUDA without one (or for a CUDA index torch does not see) is an
+    error naming the device, not a silent CPU run."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -20,7 +21,10 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise ValueError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()  # checked here: torch itself fails only at the first tensor moved there
+        raise ValueError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return chosen
 
 

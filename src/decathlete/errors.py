@@ -13,3 +13,12 @@ class CasesFailed(RuntimeError):
         self.failed = dict(failed)
         lines = "".join(f"\n  {cid}: {err}" for cid, err in sorted(self.failed.items()))
         super().__init__(f"{len(failed)} of {n_todo} cases failed (the others are in {output_dir}):{lines}")
+
+
+class ImageReadError(Exception):
+    """A file (or DICOM folder) that exists in a supported format but cannot be read."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")

@@ -176,6 +176,9 @@ def labels_to_score(source: str | Path | None) -> tuple[dict[str, Any] | None, i
     regions (its plans.json), a dataset folder's or dataset.json's labels, or (None) every value in the references."""
     if source is None:
         return None, None
+    if not (Path(source).is_file() or any((Path(source) / name).is_file() for name in ("dataset.json", "plans.json"))):
+        raise FileNotFoundError(f"--labels {source}: no dataset.json or plans.json there; give a dataset folder, its "
+                                "dataset.json or a work folder")
     if (Path(source) / "plans.json").is_file():
         from decathlete.labels import LabelScheme  # torch: only for a work folder
         from decathlete.planning.plans import Plans

@@ -131,7 +131,8 @@ def get(kind: str, name: str) -> Callable[..., Any]:
     table = _REGISTRY[kind]
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
-        raise KeyError(f"no {kind[:-1]} named '{name}' is registered (known: {known}); load a plugin with --plugin")
+        singular = kind[:-2] if kind.endswith("sses") else kind[:-1]  # losses -> loss
+        raise KeyError(f"no {singular} named '{name}' is registered (known: {known}); load a plugin with --plugin")
     return table[name]
 
 

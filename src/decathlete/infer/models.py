@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from decathlete.data.folds import ALL, EVERY, fold_name, fold_of, parse_folds
-from decathlete.io.checkpoint import LATEST
+from decathlete.io.checkpoint import FINAL, LATEST
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import Recipe, RecipeError, get_recipe, saved_recipe, validate
 
@@ -64,6 +64,8 @@ def _model_base(root: Path, configuration: str, recipe: str | None) -> Path:
         if planned not in names and len(names) > 1:
             raise ValueError(f"{trained} holds several recipes ({', '.join(names)}); choose one with recipe=")
         recipe = planned if planned in names else names[0]
+    elif recipe not in names:
+        raise FileNotFoundError(f"no recipe '{recipe}' was trained under {trained}: it holds {', '.join(names)}")
     return trained / recipe
 
 
@@ -102,7 +104,10 @@ def unfinished(fold_dirs: Sequence[Path], checkpoint: str, configuration: str) -
     parts = []
     for d in fold_dirs:
         command = train_command(d, configuration)
-        if (d / LATEST).is_file():
+        if (d / FINAL).is_file():  # training finished: the checkpoint's name is what is wrong
+            held = ", ".join(sorted(p.name for p in d.glob("*.pth")))
+            parts.append(f"{d} holds no {checkpoint} (it holds {held}); choose one of those with --checkpoint")
+        elif (d / LATEST).is_file():
             fixes = [f"finish it with `{command} --resume`"]
             if checkpoint != LATEST:
                 fixes.append(f"use its latest weights with `--checkpoint {LATEST}`")

@@ -142,6 +142,9 @@ class Predictor:
                  overrides: Sequence[str] = (),
                  mirror_axes: Sequence[int] | None = None, batch_tiles: int | None = None, postprocess: bool = True,
                  whole_volume: bool = True) -> None:  # fmt: skip
+        if step is not None and not 0 < step <= 1:  # before any model is loaded, not once per case
+            raise ValueError(f"--step must lie in (0, 1] (the tile distance as a fraction of the patch; 0.5 = half "
+                             f"overlap), got {step}")
         self.fold_dirs = resolve_fold_dirs(model, configuration, folds, recipe)
         if parse_folds(folds) == EVERY:
             self.fold_dirs, self.skipped_folds = trained_folds(self.fold_dirs, checkpoint, configuration)

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from decathlete.errors import ImageReadError  # defined there so the command line reports it cheaply
 from decathlete.io.atomic import write_atomic
 
 SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -43,15 +44,6 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK (LPS) <-> nibabel (RAS): flip x and y
 _Floats = Sequence[float]
 _DType = Any  # anything np.dtype() accepts; None where documented
-
-
-class ImageReadError(Exception):
-    """A file (or DICOM folder) that exists in a supported format but cannot be read."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def _itk_affine(spacing_xyz: _Floats, origin: _Floats, direction: _Floats) -> np.ndarray:

@@ -11,8 +11,8 @@ Overrides use dotted names, on every verb that takes a recipe: ``--set optimizer
 ``null``, ``{"name": "adam", "kwargs": {"lr": 1e-3}}``) or else a plain string; ``--set-file FILE`` reads a JSON
 object of such fields and values (`read_override_file`). A component field (a `Spec`) takes
 ``<field>.name``, ``<field>.kwargs`` or any other key as one of its kwargs; a bare string replaces it by that
-component with its defaults. Unknown keys are errors naming the valid ones: recipe fields are checked here, kwargs
-against the registered component's signature (`validate`).
+component with its defaults. Unknown keys and wrong types are errors naming the valid ones: recipe fields are checked
+here, kwargs against the registered component's signature and annotations (`validate`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from decathlete.augment.pipeline import AugmentConfig
-from decathlete.recipes.schema import RecipeError, Spec, assign, from_data, parse_value
+from decathlete.recipes.schema import RecipeError, Spec, assign, fits, from_data, parse_value, type_name
 from decathlete.registry import get
 
 
@@ -92,6 +92,8 @@ class Planning:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RecipeError(f"planning.{name} must be at least 1, got {value}")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise RecipeError(f"planning.gpu_memory_gb must be a positive number of GiB, got {self.gpu_memory_gb}")
 
 
 @dataclass(frozen=True)
@@ -279,23 +281,65 @@ def _components(recipe: Recipe) -> list[tuple[str, str, Spec]]:
     return found
 
 
-def accepted_kwargs(kind: str, name: str) -> list[str] | None:
-    """Keyword arguments a recipe may give the component (None: any, it takes ``**kwargs``)."""
+def _parameters(kind: str, name: str) -> list[inspect.Parameter] | None:
+    """The component's parameters, annotations resolved where they can be (None: no signature to read)."""
     target = get(kind, name)
     if kind == "normalizers":
         target = target.plan
     try:
-        params = inspect.signature(target).parameters.values()
+        try:
+            return list(inspect.signature(target, eval_str=True).parameters.values())
+        except NameError:  # an annotation naming what its module imports only for type checkers
+            return list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+
+
+def accepted_kwargs(kind: str, name: str) -> list[str] | None:
+    """Keyword arguments a recipe may give the component (None: any, it takes ``**kwargs``)."""
+    params = _parameters(kind, name)
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             and p.name not in SUPPLIED.get(kind, ()) and p.name != "self"]
 
 
+# Kwarg values the framework replaces before the component sees them: a loss's ``weight`` by name becomes one weight
+# per class (`decathlete.losses.base.LossContext.logits_loss`).
+REPLACED_VALUES = {("losses", "weight"): ("inverse_frequency",)}
+
+
+def _expected_type(param: inspect.Parameter) -> Any:
+    """The annotation; without one, the default's type (any number for a numeric default), else anything."""
+    if param.annotation is not param.empty:
+        return param.annotation
+    default = type(param.default)
+    return float if default in (int, float) else default if default in (bool, str) else Any
+
+
+def _check_kwarg_types(path: str, kind: str, spec: Spec) -> None:
+    """A kwarg of the wrong type fails here, naming it, rather than deep inside the component (torch's SGD compares
+    ``lr < 0.0``); the expected type is the parameter's annotation, else its default's."""
+    for param in _parameters(kind, spec.name) or []:
+        if param.name not in spec.kwargs:
+            continue
+        expected = _expected_type(param)
+        value = spec.kwargs[param.name]
+        if value not in REPLACED_VALUES.get((kind, param.name), ()) and fits(expected, value) is False:
+            raise RecipeError(f"{path}.{param.name}: '{spec.name}' takes {type_name(expected)} for {param.name}, "
+                              f"got {json.dumps(value, default=str)}")
+
+
+def _check_probabilities(augment: Any) -> None:
+    for f in fields(augment):
+        value = getattr(augment, f.name)
+        if f.name.startswith("p_") and value is not None and not 0 <= value <= 1:
+            raise RecipeError(f"augment.{f.name} is a probability: it must lie in [0, 1], got {value}")
+
+
 def validate(recipe: Recipe) -> Recipe:
-    """Check that every component is registered and takes the kwargs given; returns the recipe.
+    """Check that every component is registered and takes the kwargs given, of the types it declares, and that every
+    augmentation probability lies in [0, 1]; returns the recipe.
 
     Raises:
         RecipeError: naming the field, and the registered names or the accepted kwargs.
@@ -318,6 +362,8 @@ def validate(recipe: Recipe) -> Recipe:
         if unknown:
             raise RecipeError(f"{path}: '{spec.name}' takes no {', '.join(unknown)}; it takes "
                               f"{', '.join(accepted) or 'no settings'}")
+        _check_kwarg_types(path, kind, spec)
+    _check_probabilities(recipe.augment)
     return recipe
 
 

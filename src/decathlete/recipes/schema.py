@@ -4,11 +4,13 @@ that is a tree of frozen dataclasses, such as a search space's targets).
 `from_data` builds a dataclass from JSON data: lists become tuples where the type says so, objects become nested
 dataclasses, a `Spec` may also be written as its name alone; a missing field takes its default, an unknown one is
 an error naming the valid ones, a wrong type an error naming the field. `assign` sets a value at a dotted path of a
-dataclass's JSON form, knowing which keys each level takes (a `Spec`'s other keys are its kwargs).
+dataclass's JSON form, knowing which keys each level takes (a `Spec`'s other keys are its kwargs), and checks the
+value's type where the field has one. `fits` checks a JSON value against a component parameter's annotation.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import types
 import typing
@@ -57,6 +59,8 @@ def assign(data: dict[str, Any], tp: Any, segments: list[str], value: Any, path:
     else:
         child_tp = Any
     if not rest:
+        if child_tp is not Any:
+            _coerce(child_tp, value, path)  # a wrong type fails here, even where a later assignment replaces it
         data[key] = value
         return
     child = data.get(key)
@@ -134,11 +138,66 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return _scalar(tp, value, path)
 
 
+def _scalar_fits(tp: Any, value: Any) -> bool:
+    """JSON scalars: an int is a float too, a bool is no number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+            str: isinstance(value, str)}[tp]
+
+
 def _scalar(tp: Any, value: Any, path: str) -> Any:
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
-    if tp not in ok:
+    if tp not in (bool, int, float, str):
         raise RecipeError(f"{path}: unsupported field type {tp}")
-    if not ok[tp]:
+    if not _scalar_fits(tp, value):
         raise RecipeError(f"{path}: expected {tp.__name__}, got {json.dumps(value)}")
     return float(value) if tp is float else value
+
+
+def _is_torch(tp: Any) -> bool:
+    return isinstance(tp, type) and tp.__module__.split(".")[0] == "torch"
+
+
+def _all(answers: list[bool | None]) -> bool | None:
+    return False if False in answers else None if None in answers else True
+
+
+def fits(tp: Any, value: Any) -> bool | None:
+    """Whether the JSON ``value`` fits the annotation ``tp`` of a component's parameter: True, False, or None where
+    the annotation gives nothing to check against (a plugin's own class, an annotation left as a string)."""
+    if tp is Any:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        answers = [fits(a, value) for a in args]
+        return True if True in answers else None if None in answers else False
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp in (bool, int, float, str):
+        return _scalar_fits(tp, value)
+    sequence = (tuple, list, collections.abc.Sequence)
+    if tp in sequence or origin in sequence:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and _all([fits(a, v) for a, v in zip(args, value)])
+        return _all([fits(args[0], v) for v in value]) if args else True
+    if tp in (dict, Mapping) or origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            return False
+        return _all([fits(args[1], v) for v in value.values()]) if args else True
+    if _is_torch(tp):
+        return False  # a tensor or module: JSON data never is one (the JSON alternative of the union is what counts)
+    return True if isinstance(tp, type) and isinstance(value, tp) else None
+
+
+def type_name(tp: Any) -> str:
+    """An annotation as a recipe writer reads it: ``float`` for ``float | torch.Tensor``, ``int or null`` ..."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if not _is_torch(a))
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("collections.abc.", "")

@@ -34,6 +34,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from decathlete.data.folds import single_fold
+from decathlete.devices import resolve_device
 from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes import build
@@ -143,6 +144,7 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
     if options.trials < 1:
         raise SearchError(f"--trials must be at least 1, got {options.trials}")
     budget_s = parse_duration(options.trial_budget)
+    resolve_device(options.device)  # a wrong device fails here, not inside the first trial
     recipe = validate(build.plans_recipe(plans, options.recipe).with_overrides(options.overrides))
     build.check_against_plans(recipe, plans, config, workdir)
 

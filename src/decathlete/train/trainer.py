@@ -79,6 +79,13 @@ class TrainOptions:
     model_dir: str | Path | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # checked before any work: 0 epochs would fall back to the plan's silently, 0 validation batches fail late
+        for name, value, least in (("epochs", self.epochs, 1), ("iterations_per_epoch", self.iterations_per_epoch, 1),
+                                   ("val_iterations", self.val_iterations, 1), ("workers", self.num_workers, 0)):
+            if value is not None and value < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
 
 @dataclass
 class EpochReport:
