@@ -73,6 +73,22 @@ def missing_preprocessed(workdir: str | Path, data_identifier: str, case_ids: Se
     return sorted(set(case_ids) - have)
 
 
+def check_fold_preprocessed(workdir: str | Path, data_identifier: str, configuration: str, fold: Fold,
+                            split: dict[str, list[str]]) -> None:
+    """Every case of the fold must be preprocessed for the configuration, before anything is trained on it.
+
+    Raises:
+        FileNotFoundError: naming how many cases lack, one of them, and the ``decathlete preprocess`` command.
+    """
+    cases = sorted(set(split["train"]) | set(split["val"]))
+    missing = missing_preprocessed(workdir, data_identifier, cases)
+    if missing:
+        raise FileNotFoundError(
+            f"fold {fold} of '{configuration}': {len(missing)} of its {len(cases)} cases are not preprocessed in "
+            f"{Path(workdir) / 'preprocessed' / data_identifier} (e.g. {missing[0]}); run "
+            f"`decathlete preprocess {workdir} -c {configuration}` first")
+
+
 def fold_split(workdir: str | Path, plans: Plans, fold: Fold) -> dict[str, list[str]]:
     """``{"train": [...], "val": [...]}`` of one fold (the splits are created when missing); fold ``"all"``: every
     case of the splits in both, as nnU-Net's ``do_split`` for fold ``all``."""

@@ -163,17 +163,13 @@ def prepare(workdir: str | Path, options: SearchOptions) -> Setup:
 
 
 def _check_preprocessed(workdir: Path, plans: Plans, config: Configuration, options: SearchOptions) -> None:
-    from decathlete.data.splits import fold_split
-    from decathlete.preprocess.cache import list_cases
+    from decathlete.data.splits import check_fold_preprocessed, fold_split
 
     split = fold_split(workdir, plans, options.fold)
-    have = set(list_cases(workdir / "preprocessed" / config.data_identifier))
-    missing = sorted((set(split["train"]) | set(split["val"])) - have)
-    if missing or not split["val"]:
-        raise FileNotFoundError(
-            f"fold {options.fold} of '{options.configuration}' is not ready to search: "
-            + (f"{len(missing)} case(s) not preprocessed (e.g. {missing[0]}); run `decathlete preprocess {workdir} "
-               f"-c {options.configuration}`" if missing else "the fold has no validation cases"))
+    check_fold_preprocessed(workdir, config.data_identifier, options.configuration, options.fold, split)
+    if not split["val"]:
+        raise FileNotFoundError(f"fold {options.fold} of '{options.configuration}' is not ready to search: the fold "
+                                "has no validation cases")
 
 
 def open_storage(url: str) -> RDBStorage:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decathlete.data.folds import ALL, Fold, fold_name
-from decathlete.data.splits import fold_split, missing_preprocessed
+from decathlete.data.splits import check_fold_preprocessed, fold_split
 from decathlete.devices import memory_format, resolve_device
 from decathlete.io import checkpoint as ckpt
 from decathlete.planning import budget as budgeting
@@ -227,7 +227,8 @@ def _seed_for(*parts: int) -> int:
 def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, settings: records.RunSettings,
            world: World, dev: torch.device, out: Path, options: TrainOptions) -> _Run:
     split = fold_split(workdir, plans, settings.fold)
-    _check_preprocessed(workdir, config, settings, split)  # before the fold folder exists: no stub left behind
+    # before the fold folder exists: no stub left behind
+    check_fold_preprocessed(workdir, config.data_identifier, settings.configuration, settings.fold, split)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build.build_network(config, plans).to(dev, memory_format=memory_format(dev, config.spatial_dims))
     optimizer = build.build_optimizer(recipe, model)
@@ -265,18 +266,6 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
                 build.base_learning_rate(recipe), state,
                 TrainingClock(settings.time_budget, state.seconds, state.schedule_anchor), log, options.progress,
                 total_steps=total)
-
-
-def _check_preprocessed(workdir: Path, config: Configuration, settings: records.RunSettings,
-                        split: dict[str, list[str]]) -> None:
-    """Every case of the fold must be preprocessed for this configuration (else the sampler fails mid-setup)."""
-    cases = sorted(set(split["train"]) | set(split["val"]))
-    missing = missing_preprocessed(workdir, config.data_identifier, cases)
-    if missing:
-        raise FileNotFoundError(
-            f"fold {settings.fold} of '{settings.configuration}': {len(missing)} of its {len(cases)} cases are not "
-            f"preprocessed in {workdir / 'preprocessed' / config.data_identifier} (e.g. {missing[0]}); run "
-            f"`decathlete preprocess {workdir} -c {settings.configuration}` first")
 
 
 def _continue_schedule(schedule: Callable[[int, int], float], state: records.TrainState, saved_total: int,
