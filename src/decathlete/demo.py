@@ -27,8 +27,8 @@ from decathlete.synthetic import make_synthetic_dataset
 # (planning/budget.py), the same mechanism as `decathlete plan --time-budget`.
 FULL_BUDGET = "4m"
 # The budget is a cap that must hold 10 steps and a validation (`decathlete.planning.budget.check_budget_holds`):
-# the narrowest quick-demo step measured 1.4 s on a quiet 2-core CPU and 3.6 s on a busy one, which 15 s never held
-# (it trained 46 s); 60 s holds up to ~5 s per step.
+# the quick demo's step measured ~0.2 s on a quiet 2-core CPU but 3.6-4.2 s with other work on both cores, where
+# 15 s held no 10 steps and a validation (it trained 46 s); 60 s holds up to ~5 s per step.
 QUICK_BUDGET = "60s"
 
 
