@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from _workspace import CONFIGURATION, DATASET, NN_BIN, NNUNET_ID, Workspace
-from common import OUR_CLI, Record, nnunet_device, our_env, run_checked
+from common import OUR_CLI, Record, nnunet_device, our_env, run_checked, run_json
 
 HERE = Path(__file__).resolve().parent
 TRAINER_SOURCE = HERE / "_nnunet_budget_trainer.py"
@@ -101,12 +101,11 @@ def _ours(ws: Workspace, work: Path, minutes: float, images: Path, labels: Path,
         run_checked([str(OUR_CLI), "preprocess", str(work), "-c", CONFIGURATION, "-j", workers])
         (work / "splits.json").write_text(json.dumps(ws.splits))
         t0 = time.perf_counter()
-        run_checked([str(OUR_CLI), "train", str(work), "-c", CONFIGURATION, "-f", "0", "--device", device], our_env())
+        [done] = run_json([str(OUR_CLI), "train", str(work), "-c", CONFIGURATION, "-f", "0", "--device", device,
+                           "--json"], our_env())  # the fold's summary, alone on stdout
         train_seconds = time.perf_counter() - t0
         run = next((work / "models" / "3d_fullres").glob("*/fold_0/run.json"))
         config = json.loads(run.read_text())["configuration"]
-        log = (run.parent / "training_log.txt").read_text().splitlines()
-        done = json.loads(log[-1].split("done: ", 1)[1])
         pred = work / "predictions"
         t0 = time.perf_counter()
         run_checked([str(OUR_CLI), "predict", "-i", str(images), "-o", str(pred), "-m", str(work), "-f", "0",

@@ -134,8 +134,9 @@ def run_checked(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 
-def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a worker that prints its result as JSON on its last line; raise with its output if it fails."""
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> Any:
+    """Run a worker (or a `decathlete` verb with --json) that prints its result as JSON on its last line; raise with
+    its output if it fails."""
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-1500:]}\n"

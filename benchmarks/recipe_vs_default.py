@@ -49,7 +49,7 @@ def arm(dataset: Path, recipe: str, overrides: list[str], budget: str, root: Pat
     seconds = {"plan": run(["plan", str(dataset), "-o", str(work), "--recipe", recipe, "--time-budget", budget,
                             "-c", configuration, *sets], log)}
     seconds["preprocess"] = run(["preprocess", str(work), "-c", configuration, "-j", "2"], log)
-    seconds["train"] = run(["train", str(work), "-c", configuration, "-f", "0"], log)
+    seconds["train"] = run(["train", str(work), "-c", configuration, "-f", "0", "--json"], log)
     held_out = json.loads((work / "splits.json").read_text())[0]["val"]
     images, refs = root / f"{tag}_images", root / f"{tag}_refs"
     images.mkdir(), refs.mkdir()
@@ -62,7 +62,8 @@ def arm(dataset: Path, recipe: str, overrides: list[str], budget: str, root: Pat
     run(["evaluate", str(root / f"{tag}_pred"), str(refs), "--labels", str(work), "-o", str(summary_path)], log)
     summary = json.loads(summary_path.read_text())
     plans = json.loads((work / "plans.json").read_text())["configurations"][configuration]
-    done = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"folder"')][-1]
+    # train --json: the folds' summaries, one JSON line among the logs
+    done = [json.loads(line)[0] for line in log.read_text().splitlines() if line.startswith('[{"folder"')][-1]
     return {"arm": tag, "recipe": recipe, "configuration": configuration, "overrides": overrides,
             "held_out": held_out, "spacing": plans["spacing"],
             "network": plans["network"]["name"], "parameters": plans["parameters"],
