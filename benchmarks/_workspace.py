@@ -1,4 +1,5 @@
-"""One run's prepared Task04_Hippocampus, shared by the benchmarks instead of each preparing its own.
+"""One run's prepared dataset (Task04_Hippocampus unless named), shared by the benchmarks instead of each preparing
+its own.
 
 preprocess, train_step, train_loop, predict and accuracy_at_budget all need the same dataset planned (and most of
 them preprocessed, some a trained model) by both systems. None of that preparation is timed, but redoing it in every
@@ -49,8 +50,10 @@ BENCH_TRAINER_SOURCE = Path(__file__).resolve().parent / "_nnunet_bench_trainer.
 class Workspace:
     """Lazily prepared dataset, plans, preprocessed data and fold-0 models of both systems under ``root``."""
 
-    def __init__(self, root: Path, quick: bool, workers: int, device: str) -> None:
+    def __init__(self, root: Path, quick: bool, workers: int, device: str, dataset: str = DATASET,
+                 nnunet_id: int = NNUNET_ID) -> None:
         self.root, self.quick, self.workers, self.device = Path(root), quick, str(workers), device
+        self.dataset, self.nnunet_id = dataset, nnunet_id  # nnU-Net's DatasetXXX number for the converted copy
         self.our_work = self.root / "decathlete"
         self._installed: dict[str, Path] = {}
 
@@ -58,13 +61,13 @@ class Workspace:
 
     @property
     def source(self) -> Path:
-        return SHARED_DATA / DATASET
+        return SHARED_DATA / self.dataset
 
     @cached_property
     def data(self) -> Path:
         if not self.quick:
             return self.source
-        return subset_dataset(self.source, self.root / DATASET, QUICK_CASES)
+        return subset_dataset(self.source, self.root / self.dataset, QUICK_CASES)
 
     @cached_property
     def case_ids(self) -> list[str]:
@@ -122,7 +125,7 @@ class Workspace:
 
     @property
     def nnunet_raw(self) -> Path:
-        return self.root / "nnunet_raw" / f"Dataset{NNUNET_ID:03d}_{DATASET.split('_', 1)[1]}"
+        return self.root / "nnunet_raw" / f"Dataset{self.nnunet_id:03d}_{self.dataset.split('_', 1)[1]}"
 
     @property
     def nnunet_pre(self) -> Path:
@@ -137,11 +140,12 @@ class Workspace:
         env = self.nnunet_env
         if not (self.nnunet_raw / "dataset.json").is_file():
             run_checked([str(NN_BIN / "nnUNetv2_convert_MSD_dataset"), "-i", str(self.data), "-overwrite_id",
-                         str(NNUNET_ID), "-np", self.workers], env)
+                         str(self.nnunet_id), "-np", self.workers], env)
         if not (self.nnunet_pre / "dataset_fingerprint.json").is_file():
-            run_checked([str(NN_BIN / "nnUNetv2_extract_fingerprint"), "-d", str(NNUNET_ID), "-np", self.workers], env)
+            run_checked([str(NN_BIN / "nnUNetv2_extract_fingerprint"), "-d", str(self.nnunet_id), "-np",
+                         self.workers], env)
         if not (self.nnunet_pre / "nnUNetPlans.json").is_file():
-            run_checked([str(NN_BIN / "nnUNetv2_plan_experiment"), "-d", str(NNUNET_ID)], env)
+            run_checked([str(NN_BIN / "nnUNetv2_plan_experiment"), "-d", str(self.nnunet_id)], env)
         (self.nnunet_pre / "splits_final.json").write_text(json.dumps(self.splits, indent=2))
         return env
 
@@ -149,7 +153,7 @@ class Workspace:
         env = self.nnunet_planned()
         folder = self.nnunet_pre / f"nnUNetPlans_{CONFIGURATION}"
         if not all((folder / f"{cid}.pkl").is_file() for cid in self.case_ids):  # nnU-Net writes the .pkl last
-            run_checked([str(NN_BIN / "nnUNetv2_preprocess"), "-d", str(NNUNET_ID), "-c", CONFIGURATION, "-np",
+            run_checked([str(NN_BIN / "nnUNetv2_preprocess"), "-d", str(self.nnunet_id), "-c", CONFIGURATION, "-np",
                          self.workers], env)
         return env
 
@@ -165,7 +169,7 @@ class Workspace:
         env = self.nnunet_preprocessed()
         self.nnunet_trainer(BENCH_TRAINER_SOURCE, BENCH_TRAINER)
         if not list(self.nnunet_results.glob(f"{BENCH_TRAINER}__*/fold_0/checkpoint_final.pth")):
-            run_checked([str(NN_BIN / "nnUNetv2_train"), str(NNUNET_ID), CONFIGURATION, "0", "-tr", BENCH_TRAINER,
+            run_checked([str(NN_BIN / "nnUNetv2_train"), str(self.nnunet_id), CONFIGURATION, "0", "-tr", BENCH_TRAINER,
                          "-device", nnunet_device(self.device)],
                         {**env, "DECATHLETE_BENCH_ITERATIONS": "1", "DECATHLETE_BENCH_VAL_ITERATIONS": "1"})
         return env

@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes, the same for both sides")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where training and prediction run")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results, or benchmarks/results/gpu with cuda")
+    parser.add_argument("--datasets", nargs="+", metavar="TASK", choices=list(bench_accuracy.DATASETS),
+                        help="accuracy_at_budget: datasets (default both: the hippocampus and Task106 CT)")
     parser.add_argument("--budgets", type=float, nargs="+", metavar="MIN",
                         help="accuracy_at_budget: training budgets in minutes (default 10 20 40; --quick: 0.5); "
                         "recipes_at_budget: the first of them (default 5; --quick: 0.5)")

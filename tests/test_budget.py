@@ -72,8 +72,11 @@ def _fake_timer(per_sample: dict[int, float]):
     def time_step(config, plans, device, **_):
         t = per_sample[config.features_per_stage[0]] * config.batch_size
         calls.append((config.features_per_stage[0], config.batch_size))
+        overrides.append((config.training or {}).get("recipe_overrides"))
         return {"step_seconds": t, "forward_seconds": t / 3}
 
+    overrides: list[dict | None] = []
+    time_step.overrides = overrides  # what each measured candidate would train with (rule 6)
     return time_step, calls
 
 
@@ -103,6 +106,59 @@ def test_fit_picks_widest_width_with_enough_steps_then_grows_batch(workdir: Path
     named = replace(config, network=NetworkSpec(config.network.name, {**config.network.kwargs, "init": "he"}))
     kept = budget.fit_to_budget(named, plans, 600, torch.device("cpu"), timer, log=lambda _: None)
     assert kept.network.kwargs["init"] == "he"
+
+
+def test_a_short_schedule_trains_with_adamw_timed_as_trained(workdir: Path) -> None:
+    """Rule 6: nnU-Net's SGD becomes AdamW for a schedule shorter than the recipe's; every probe timed that step;
+    a recipe with its own optimiser, or a budget that holds the whole schedule, keeps its optimiser."""
+    plans = Plans.load(workdir / "plans.json")
+    assert plans.recipe_settings["optimizer"] == budget.NNUNET_OPTIMIZER
+    config = plans.configuration("3d_fullres")
+    timer, _ = _fake_timer({8: 0.05, 12: 0.08, 16: 0.1, 24: 0.2, 32: 0.4})
+    chosen = budget.fit_to_budget(config, plans, 600, torch.device("cpu"), timer, log=lambda _: None)
+    adamw = {"optimizer": budget.SHORT_SCHEDULE_OPTIMIZER}
+    assert chosen.training["recipe_overrides"] == adamw
+    assert timer.overrides and all(o == adamw for o in timer.overrides)
+    assert any("adamw" in n and "SGD" in n for n in chosen.notes)
+
+    own = replace(plans, recipe_settings={**plans.recipe_settings, "optimizer": {"name": "adam", "kwargs": {}}})
+    timer, _ = _fake_timer({8: 0.05, 12: 0.08, 16: 0.1, 24: 0.2, 32: 0.4})
+    kept = budget.fit_to_budget(config, own, 600, torch.device("cpu"), timer, log=lambda _: None)
+    assert "recipe_overrides" not in kept.training and set(timer.overrides) == {None}
+
+    timer, _ = _fake_timer({w: 1e-4 for w in (8, 12, 16, 24, 32)})
+    whole = budget.fit_to_budget(config, plans, 6 * 3600, torch.device("cpu"), timer, log=lambda _: None)
+    assert "recipe_overrides" not in whole.training
+    assert timer.overrides[-1] is None  # the whole schedule's step is measured again with the recipe's SGD
+
+
+def test_the_trainer_and_probe_apply_the_planned_overrides(workdir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The plan's ``recipe_overrides`` reach the probe's step and the trainer's recipe, before the user's --set;
+    a resumed run keeps its saved recipe."""
+    from decathlete.recipes import build
+    from decathlete.train import probe
+
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    plans = Plans.load(work / "plans.json")
+    planned = {"recipe_overrides": {"optimizer": budget.SHORT_SCHEDULE_OPTIMIZER}}
+    config = replace(plans.configuration("3d_fullres"), training=planned)
+    seen = []
+    real = probe.build_optimizer
+    monkeypatch.setattr(probe, "build_optimizer", lambda recipe, net: seen.append(recipe.optimizer) or real(recipe, net))
+    probe.time_step(config, plans, torch.device("cpu"), build.plans_recipe(plans), steps=1, warmup=0)
+    assert seen[0].name == "adamw" and seen[0].kwargs["lr"] == 3e-3
+
+    plans.configurations["3d_fullres"] = config
+    plans.save(work / "plans.json")
+    api.preprocess(work, ["3d_fullres"], workers=1, progress=False)
+    options = TrainOptions("3d_fullres", 0, epochs=1, iterations_per_epoch=1, val_iterations=1, device="cpu",
+                           num_workers=0, progress=False, overrides=["optimizer.lr=1e-3"])
+    summary = train(work, options)
+    recipe = json.loads((Path(summary["folder"]) / "recipe.json").read_text())
+    assert recipe["optimizer"] == {"name": "adamw", "kwargs": {"lr": 1e-3, "weight_decay": 3e-5}}
+    resumed = train(work, replace(options, epochs=2, resume=True, overrides=[]))
+    assert json.loads((Path(resumed["folder"]) / "recipe.json").read_text())["optimizer"]["kwargs"]["lr"] == 1e-3
 
 
 def test_fit_with_a_generous_budget_keeps_the_plan(workdir: Path) -> None:
@@ -146,7 +202,8 @@ def test_real_probe_and_budget_training_end_to_end(workdir: Path, tmp_path: Path
     assert saved["settings"]["time_budget"] == 8 and saved["settings"]["recipe"]["epochs"] == t["epochs"]
     assert saved["state"]["seconds"] < 8 + 5  # the last step and the closing validation may run over a little
     last_lr = saved["state"]["history"]["lr"][-1]
-    assert last_lr < 1e-2 * 0.5, "a run stopped by its budget must end with an annealed learning rate"
+    base_lr = saved["settings"]["recipe"]["optimizer"]["kwargs"]["lr"]
+    assert last_lr < base_lr * 0.5, "a run stopped by its budget must end with an annealed learning rate"
 
 
 def test_clock_progress_and_stop() -> None:
@@ -219,3 +276,26 @@ def test_an_extended_schedule_continues_from_the_last_rate() -> None:
     assert extended_anchor(exponential, 4, 4, 12, None) is None  # no total in it: it simply goes on
     assert extended_anchor(poly, 4, 12, 8, None) is None  # shortened: the rate only falls faster
     assert extended_anchor(poly, 5, 12, 12, None) is None  # same length: an exact resume
+
+
+def test_the_budget_chooses_3d_when_it_holds_enough_steps_else_2d(workdir: Path) -> None:
+    """Rule 7 with planned step counts: 3D while it holds MIN_ITERATIONS, 2D when only 2D does, else the most."""
+    config = Plans.load(workdir / "plans.json").configuration("3d_fullres")
+    flat = replace(config, spatial_dims=2)
+
+    def planned(n3: int, n2: int, lowres: int | None = None) -> dict:
+        configs = {"2d": replace(flat, training={"iterations": n2}),
+                   "3d_fullres": replace(config, training={"iterations": n3})}
+        if lowres is not None:
+            configs["3d_lowres"] = replace(config, training={"iterations": lowres})
+        return budget.choose_configuration(configs)
+
+    enough = budget.MIN_ITERATIONS
+    assert planned(enough, 10 * enough)["configuration"] == "3d_fullres"
+    choice = planned(250, 2530)
+    assert choice["configuration"] == "2d" and choice["iterations"] == {"2d": 2530, "3d_fullres": 250}
+    assert "3d_fullres: 250" in choice["why"]
+    assert planned(250, 2530, lowres=enough)["configuration"] == "3d_lowres"
+    assert planned(250, 900)["configuration"] == "2d" and "most" in planned(250, 900)["why"]
+    assert planned(300, 100)["configuration"] == "3d_fullres"
+    assert budget.choose_configuration({"3d_fullres": config}) is None  # planned without a budget

@@ -24,7 +24,7 @@ from typing import Any
 from decathlete.fingerprint import compute_fingerprint, save_fingerprint
 from decathlete.io.datasets import DatasetDescription
 from decathlete.io.validation import Problem, check_dataset, validate_dataset
-from decathlete.planning.budget import device_description, fit_to_budget, parse_duration
+from decathlete.planning.budget import choose_configuration, device_description, fit_to_budget, parse_duration
 from decathlete.planning.memory import plans_for_cpu, ram_target
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import resolve_recipe
@@ -107,6 +107,7 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         for name, config in plans.configurations.items():
             print(f"fitting {name} to a {budget_s:.0f} s budget on {device_description(dev)}")
             plans.configurations[name] = fit_to_budget(config, plans, budget_s, dev, measure)
+        plans.budget_choice = choose_configuration(plans.configurations)
     plans.save(workdir / "plans.json")
     return plans
 

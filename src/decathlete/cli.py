@@ -228,6 +228,10 @@ def _show_plan(result: dict[str, Any], args: argparse.Namespace) -> int:
             print(f"{'':11s} budget {t['budget_seconds']:.0f} s: {t['iterations']} iterations x {t['step_seconds']} s"
                   f" (measured), {t['val_iterations']} validation batches/epoch, predicted "
                   f"{t['predicted_seconds']:.0f} s of training")
+    if plans.budget_choice:
+        name = plans.budget_choice["configuration"]
+        print(f"for this budget train {name} (`decathlete train {args.output} -c {name}`): "
+              f"{plans.budget_choice['why']}")
     print(f"wrote {os.path.join(args.output, 'plans.json')}")
     return 0
 

@@ -151,6 +151,8 @@ class Plans:
         transpose_backward: its inverse, which maps a prediction back to the data's own axis order.
         memory_target: which memory patch and batch were sized to (GPU or this machine's RAM) and why; plans made
             before the field existed were sized to ``gpu_memory_gb`` of GPU memory.
+        budget_choice: for plans made for a time budget, the configuration to train within it and why
+            (`decathlete.planning.budget.choose_configuration`); None without a budget.
     """
 
     dataset: dict[str, Any]
@@ -164,6 +166,7 @@ class Plans:
     transpose_forward: list[int] = field(default_factory=lambda: list(IDENTITY))
     transpose_backward: list[int] = field(default_factory=lambda: list(IDENTITY))
     memory_target: MemoryTarget | None = None
+    budget_choice: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.memory_target is None:

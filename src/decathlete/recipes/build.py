@@ -216,6 +216,20 @@ def plans_recipe(plans: Plans, name: str | None = None) -> Recipe:
     return get_recipe(name or plans.recipe)
 
 
+def planned_overrides(config: Configuration) -> list[str]:
+    """The recipe overrides a budget plan made for its short schedule (``training["recipe_overrides"]``, e.g. the
+    optimiser of rule 6 in `decathlete.planning.budget`), as ``path=value`` assignments: the probe times the step
+    with them and the trainer applies them before the user's own ``--set``."""
+    planned = (config.training or {}).get("recipe_overrides", {})
+    return [f"{path}={json.dumps(value)}" for path, value in planned.items()]
+
+
+def with_planned_overrides(recipe: Recipe, config: Configuration) -> Recipe:
+    """``recipe`` with `planned_overrides` applied."""
+    overrides = planned_overrides(config)
+    return recipe.with_overrides(overrides) if overrides else recipe
+
+
 def plan_free_kwargs(network: str) -> tuple[str, ...]:
     """The network's kwargs that do not shape the plan (`decathlete.nets.base`): a recipe may change them."""
     return tuple(getattr(registry.get("nets", network), "plan_free_kwargs", ()))

@@ -16,14 +16,17 @@ from decathlete.devices import memory_format
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.base import Recipe
-from decathlete.recipes.build import base_learning_rate, build_network, build_optimizer
+from decathlete.recipes.build import base_learning_rate, build_network, build_optimizer, with_planned_overrides
 from decathlete.train.step import build_step
 
 
 def time_step(config: Configuration, plans: Plans, device: torch.device, recipe: Recipe, steps: int = 5,
               warmup: int = 2, seed: int = 0) -> dict[str, float]:
     """Seconds of one training step and of one validation forward pass on ``device``: the median of ``steps``
-    after ``warmup`` (the first steps pay for allocations and kernel selection; medians resist a busy machine)."""
+    after ``warmup`` (the first steps pay for allocations and kernel selection; medians resist a busy machine).
+    The recipe overrides the plan records for the candidate (``config.training["recipe_overrides"]``) apply, as
+    they will in training."""
+    recipe = with_planned_overrides(recipe, config)
     torch.manual_seed(seed)
     net = build_network(config, plans).to(device, memory_format=memory_format(device, config.spatial_dims))
     step, input_size = build_step(recipe, config, plans, net, build_optimizer(recipe, net), device)

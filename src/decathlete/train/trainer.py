@@ -199,15 +199,16 @@ def _resolve_recipe(plans: Plans, config: Configuration, options: TrainOptions, 
     """The run's recipe: the fold folder's own on resume, else the plans' (as resolved there) or the named one;
     with the options' overrides and lengths, checked against the plans."""
     saved = saved_recipe(out) if options.resume else None
-    if saved is not None and options.recipe in (None, saved.name):
-        base = saved
-    else:
-        base = build.plans_recipe(plans, options.recipe)
+    resumed = saved is not None and options.recipe in (None, saved.name)
+    base = saved if resumed else build.plans_recipe(plans, options.recipe)
     planned = config.training or {}
     lengths = [f"{key}={value}" for key, value in (
         ("epochs", options.epochs or planned.get("epochs")),
         ("iterations_per_epoch", options.iterations_per_epoch or planned.get("iterations_per_epoch"))) if value]
-    recipe = validate(base.with_overrides([*options.overrides, *lengths]))
+    # the plan's overrides were made for its own recipe (a saved one holds them), then the user's
+    own = options.recipe in (None, plans.recipe) and not resumed
+    planned_overrides = build.planned_overrides(config) if own else []
+    recipe = validate(base.with_overrides([*planned_overrides, *options.overrides, *lengths]))
     build.check_against_plans(recipe, plans, config, workdir)
     return recipe
 
