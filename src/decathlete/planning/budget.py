@@ -29,12 +29,13 @@ the recipe allows rule 5):
    gradient is a few hundred voxels' share of a mean over millions, so the logits separate the organs (AUC 0.96-0.99
    after 690 steps) but never cross the background's, and every organ scores Dice 0; AdamW's per-parameter step
    size does not shrink with that share and finds 4 organs in the same steps (measured:
-   ``benchmarks/results/short_schedule_optimizer.json``). A recipe that names its own optimiser keeps it.
+   ``benchmarks/results/budget_short_schedule_task106.json``). A recipe that names its own optimiser keeps it.
 7. Configuration: when even the narrowest 3D network leaves fewer than ``MIN_ITERATIONS`` (after rule 5, where the
    recipe allows it) and the 2D configuration holds them, the plan records 2D as the one to train
-   (``Plans.budget_choice``, printed by ``plan``): on Task106 CT, at equal steps and seconds, 2D found 4 of 7 organs
-   where a 3D network cropped to the same step time found none (``benchmarks/results/budget_trades_task106.json``).
-   A coarser spacing (nnU-Net's 3d_lowres) is not tried: at twice 4.7 mm the smallest organs keep ~10 voxels.
+   (``Plans.budget_choice``, printed by ``plan``). On Task106 CT (15 min, 2 cores) 3D at 8 base features holds 250
+   steps; after 400 steps with AdamW, 2D had found 4 of the 7 organs and a 3D network cropped to 64^3 (each step
+   dearer than 2D's) only the mandible (``benchmarks/results/budget_short_schedule_task106.json``). A coarser spacing
+   (nnU-Net's 3d_lowres) is not tried: at twice 4.7 mm the oesophagus keeps ~10 voxels.
 Validation is sized to the budget, by the trainer's rule (`validation_batches`): its batches per epoch keep it within
 ``VAL_SHARE`` of the budget over the run, so the iterations and the predicted seconds charge the same validation. A
 budget that cannot hold ``MIN_BUDGET_STEPS`` steps of the narrowest (or cropped) network and one validation batch is

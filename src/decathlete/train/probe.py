@@ -21,12 +21,21 @@ from decathlete.train.step import build_step
 
 
 def time_step(config: Configuration, plans: Plans, device: torch.device, recipe: Recipe, steps: int = 5,
-              warmup: int = 2, seed: int = 0) -> dict[str, float]:
+              warmup: int = 2, seed: int = 0, threads: int | None = None) -> dict[str, float]:
     """Seconds of one training step and of one validation forward pass on ``device``: the median of ``steps``
     after ``warmup`` (the first steps pay for allocations and kernel selection; medians resist a busy machine).
     The recipe overrides the plan records for the candidate (``config.training["recipe_overrides"]``) apply, as
-    they will in training."""
-    recipe = with_planned_overrides(recipe, config)
+    they will in training. ``threads``: torch's CPU threads while timing (restored after). Also returns
+    ``cpu_share``: the process's CPU seconds over wall seconds and threads while training steps ran (1: it had its
+    cores to itself; `decathlete.planning.threads`)."""
+    from decathlete.planning.threads import torch_threads
+
+    with torch_threads(threads):
+        return _time_step(config, plans, device, with_planned_overrides(recipe, config), steps, warmup, seed)
+
+
+def _time_step(config: Configuration, plans: Plans, device: torch.device, recipe: Recipe, steps: int, warmup: int,
+               seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     net = build_network(config, plans).to(device, memory_format=memory_format(device, config.spatial_dims))
     step, input_size = build_step(recipe, config, plans, net, build_optimizer(recipe, net), device)
@@ -48,9 +57,12 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, recipe:
         step.evaluate(image, label)
 
     net.train()
+    cpu, wall = time.process_time(), time.perf_counter()
     step_seconds = _timed(train, steps, warmup, device)
+    share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * torch.get_num_threads(), 1e-9)
     net.eval()
-    return {"step_seconds": step_seconds, "forward_seconds": _timed(forward, 3, 1, device)}
+    return {"step_seconds": step_seconds, "forward_seconds": _timed(forward, 3, 1, device),
+            "cpu_share": min(1.0, share)}
 
 
 def _timed(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:

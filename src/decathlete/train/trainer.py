@@ -26,6 +26,7 @@ from decathlete.io import checkpoint as ckpt
 from decathlete.planning import budget as budgeting
 from decathlete.planning.budget import parse_duration
 from decathlete.planning.plans import Configuration, Plans
+from decathlete.planning.threads import torch_threads
 from decathlete.recipes import build
 from decathlete.recipes.base import Recipe, saved_recipe, validate
 from decathlete.train import run as records
@@ -171,11 +172,16 @@ def train(workdir: str | Path, options: TrainOptions | None = None,
             budgeting.check_planned_budget(settings.time_budget, planned, budget)
             settings.val_iterations = budgeting.validation_batches(
                 settings.time_budget, settings.epochs, planned.get("forward_seconds"), options.val_iterations)
-        run = _setup(workdir, plans, config, recipe, settings, world, dev, out, options)
-        run.planned, run.val_default = planned, options.val_iterations
-        run.val_batch_seconds = planned.get("forward_seconds")
-        run.callbacks = list(callbacks)
-        summary = _loop(run)
+        # on a CPU, the thread count the plan found fastest (`decathlete.planning.threads`)
+        threads = (planned.get("threads") or {}).get("threads") if dev.type == "cpu" else None
+        with torch_threads(threads):
+            run = _setup(workdir, plans, config, recipe, settings, world, dev, out, options)
+            run.planned, run.val_default = planned, options.val_iterations
+            run.val_batch_seconds = planned.get("forward_seconds")
+            run.callbacks = list(callbacks)
+            if threads:
+                run.log(f"{threads} torch thread(s), as the plan measured fastest on this machine")
+            summary = _loop(run)
         # Leave together: a rank tearing the group down while another still writes can leave that one waiting on
         # the group's store at exit (seen once on a loaded 2-core machine). Not on errors: torchrun stops the rest.
         barrier(world)
