@@ -145,7 +145,8 @@ def test_the_trainer_and_probe_apply_the_planned_overrides(workdir: Path, tmp_pa
     config = replace(plans.configuration("3d_fullres"), training=planned)
     seen = []
     real = probe.build_optimizer
-    monkeypatch.setattr(probe, "build_optimizer", lambda recipe, net: seen.append(recipe.optimizer) or real(recipe, net))
+    monkeypatch.setattr(probe, "build_optimizer",
+                        lambda recipe, net: seen.append(recipe.optimizer) or real(recipe, net))
     probe.time_step(config, plans, torch.device("cpu"), build.plans_recipe(plans), steps=1, warmup=0)
     assert seen[0].name == "adamw" and seen[0].kwargs["lr"] == 3e-3
 
@@ -299,3 +300,5 @@ def test_the_budget_chooses_3d_when_it_holds_enough_steps_else_2d(workdir: Path)
     assert planned(250, 900)["configuration"] == "2d" and "most" in planned(250, 900)["why"]
     assert planned(300, 100)["configuration"] == "3d_fullres"
     assert budget.choose_configuration({"3d_fullres": config}) is None  # planned without a budget
+    alone = budget.choose_configuration({"2d": replace(flat, training={"iterations": 2530})})
+    assert alone["configuration"] == "2d" and alone["why"] == "holds 2530 iterations, at least 2000"

@@ -96,3 +96,35 @@ def test_the_trainer_trains_with_the_planned_threads(workdir: Path, tmp_path: Pa
                     callbacks=[lambda report: seen.append(torch.get_num_threads())])
     assert seen == [1] and torch.get_num_threads() == before
     assert "1 torch thread(s)" in (Path(summary["folder"]) / "training_log.txt").read_text()
+
+
+def test_the_fitted_network_is_timed_again_and_refitted_when_the_other_count_wins(workdir: Path,
+                                                                                monkeypatch) -> None:
+    """A narrow step faster on 1 thread, the fitted wide one faster on 2: fitted again at 2 threads, recorded."""
+    plans = Plans.load(workdir / "plans.json")
+    config = plans.configuration("3d_fullres")
+    current = {"threads": 2}  # torch's thread count, as the plan sets and restores it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: current["threads"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: current.update(threads=n))
+    seen = []
+
+    def measure(candidate, _plans, _device, threads=None, **_):
+        width, threads = candidate.features_per_stage[0], threads or current["threads"]
+        seen.append((width, candidate.batch_size, threads))
+        per_sample = {1: 0.01 * width, 2: 0.004 * width + 0.05}[threads]  # 2 threads win from width 12 on
+        return {"step_seconds": per_sample * candidate.batch_size, "forward_seconds": 0.01, "cpu_share": 0.95}
+
+    fitted = threads.fit_with_threads(config, plans, 3600, torch.device("cpu"), measure, log=lambda _: None)
+    assert seen[:2] == [(8, 2, 1), (8, 2, 2)]  # the narrowest: 1 thread wins (0.16 s against 0.164 s)
+    assert fitted.training["threads"]["threads"] == 2 and fitted.features_per_stage[0] > 8
+    first_fit = [w for w, b, n in seen[2:] if n == 1]
+    assert first_fit and all(n == 2 for _, _, n in seen[2 + len(first_fit) + 2:])  # refitted at 2 threads
+    assert current["threads"] == 2  # restored
+
+    def narrow_wins(candidate, _plans, _device, threads=None, **_):
+        threads = threads or current["threads"]
+        return {"step_seconds": {1: 1.0, 2: 2.0}[threads] * candidate.batch_size, "forward_seconds": 0.01,
+                "cpu_share": 0.9}
+
+    slow = threads.fit_with_threads(config, plans, 300, torch.device("cpu"), narrow_wins, log=lambda _: None)
+    assert slow.training["threads"]["threads"] == 1 and slow.features_per_stage[0] == 8

@@ -24,7 +24,7 @@ from typing import Any
 from decathlete.fingerprint import compute_fingerprint, save_fingerprint
 from decathlete.io.datasets import DatasetDescription
 from decathlete.io.validation import Problem, check_dataset, validate_dataset
-from decathlete.planning.budget import choose_configuration, device_description, fit_to_budget, parse_duration
+from decathlete.planning.budget import choose_configuration, device_description, parse_duration
 from decathlete.planning.memory import plans_for_cpu, ram_target
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import resolve_recipe
@@ -101,16 +101,13 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
             raise KeyError(f"the planner made no configuration {missing}; it made {', '.join(plans.configurations)}")
         plans.configurations = {k: v for k, v in plans.configurations.items() if k in configurations}
     if budget_s is not None:
-        from decathlete.planning.threads import fit_threads, torch_threads, with_threads
+        from decathlete.planning.threads import fit_with_threads
         from decathlete.train.probe import time_step
 
         measure = partial(time_step, recipe=chosen)  # the step the trainer will run, timed on the device
         for name, config in plans.configurations.items():
             print(f"fitting {name} to a {budget_s:.0f} s budget on {device_description(dev)}")
-            threads = fit_threads(config, plans, dev, partial(measure, steps=3, warmup=1))  # CPU: 1 or all cores
-            with torch_threads(threads and threads["threads"]):  # the plan's step times and device line
-                plans.configurations[name] = with_threads(fit_to_budget(config, plans, budget_s, dev, measure),
-                                                          threads)
+            plans.configurations[name] = fit_with_threads(config, plans, budget_s, dev, measure)  # the faster threads
         plans.budget_choice = choose_configuration(plans.configurations)
     plans.save(workdir / "plans.json")
     return plans

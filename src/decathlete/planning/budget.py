@@ -282,7 +282,7 @@ def choose_configuration(configurations: dict[str, Configuration]) -> dict[str, 
     enough = [n for n in three_d if steps[n] >= MIN_ITERATIONS] or [n for n in steps if steps[n] >= MIN_ITERATIONS]
     if enough:
         name = enough[0]
-        why = (f"holds {steps[name]} iterations, at least {MIN_ITERATIONS}" if name in three_d else
+        why = (f"holds {steps[name]} iterations, at least {MIN_ITERATIONS}" if name in three_d or not three_d else
                f"no 3D configuration holds {MIN_ITERATIONS} iterations in the budget "
                f"({', '.join(f'{n}: {steps[n]}' for n in three_d)}); {name} holds {steps[name]}")
     else:

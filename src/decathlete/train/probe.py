@@ -15,6 +15,7 @@ import torch
 from decathlete.devices import memory_format
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, Plans
+from decathlete.planning.threads import torch_threads
 from decathlete.recipes.base import Recipe
 from decathlete.recipes.build import base_learning_rate, build_network, build_optimizer, with_planned_overrides
 from decathlete.train.step import build_step
@@ -28,8 +29,6 @@ def time_step(config: Configuration, plans: Plans, device: torch.device, recipe:
     they will in training. ``threads``: torch's CPU threads while timing (restored after). Also returns
     ``cpu_share``: the process's CPU seconds over wall seconds and threads while training steps ran (1: it had its
     cores to itself; `decathlete.planning.threads`)."""
-    from decathlete.planning.threads import torch_threads
-
     with torch_threads(threads):
         return _time_step(config, plans, device, with_planned_overrides(recipe, config), steps, warmup, seed)
 
