@@ -125,7 +125,7 @@ class Workspace:
 
     @property
     def nnunet_raw(self) -> Path:
-        return self.root / "nnunet_raw" / f"Dataset{self.nnunet_id:03d}_{self.dataset.split('_', 1)[1]}"
+        return self.root / "nnunet_raw" / f"Dataset{self.nnunet_id:03d}_{self.msd_name.split('_', 1)[1]}"
 
     @property
     def nnunet_pre(self) -> Path:
@@ -135,11 +135,31 @@ class Workspace:
     def nnunet_results(self) -> Path:
         return self.root / "nnunet_results" / self.nnunet_raw.name
 
+    @property
+    def msd_name(self) -> str:
+        """``TaskNN_Name`` with one underscore, as nnU-Net's MSD converter splits the folder name."""
+        task, name = self.dataset.split("_", 1)
+        return f"{task}_{name.replace('_', '')}"
+
+    @property
+    def msd_source(self) -> Path:
+        """The dataset as nnU-Net's MSD converter takes it: it asserts an ``imagesTs`` folder (Task106 has none)
+        and a folder name with one underscore, so other datasets are given through links next to an empty one."""
+        if (self.data / "imagesTs").is_dir() and self.msd_name == self.data.name:
+            return self.data
+        shadow = self.root / "msd_source" / self.msd_name
+        if not shadow.is_dir():
+            shadow.mkdir(parents=True)
+            for name in ("dataset.json", "imagesTr", "labelsTr"):
+                (shadow / name).symlink_to((self.data / name).resolve())
+            (shadow / "imagesTs").mkdir()
+        return shadow
+
     def nnunet_planned(self) -> dict[str, str]:
         """Converted (``nnUNetv2_convert_MSD_dataset``), fingerprinted and planned; returns the environment."""
         env = self.nnunet_env
         if not (self.nnunet_raw / "dataset.json").is_file():
-            run_checked([str(NN_BIN / "nnUNetv2_convert_MSD_dataset"), "-i", str(self.data), "-overwrite_id",
+            run_checked([str(NN_BIN / "nnUNetv2_convert_MSD_dataset"), "-i", str(self.msd_source), "-overwrite_id",
                          str(self.nnunet_id), "-np", self.workers], env)
         if not (self.nnunet_pre / "dataset_fingerprint.json").is_file():
             run_checked([str(NN_BIN / "nnUNetv2_extract_fingerprint"), "-d", str(self.nnunet_id), "-np",
