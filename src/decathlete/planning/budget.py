@@ -203,10 +203,8 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
     step times taken by ``measure``."""
     planned_base, planned_batch = config.features_per_stage[0], config.batch_size
     overrides = short_schedule_overrides(plans)  # rule 6, timed from the first probe on; dropped if all fits
-    config = replace(config, training={"recipe_overrides": overrides} if overrides else None)
-    widths = sorted({w for w in BASE_WIDTHS if w <= planned_base} | {planned_base})
-    fixed_batch = (plans.recipe_settings or {}).get("planning", {}).get("batch_size") is not None
-    start_batch = planned_batch if fixed_batch else min(2, planned_batch)
+    config = with_short_schedule(config, plans)
+    widths, start_batch = candidate_widths(config), start_batch_size(config, plans)
     records: list[dict[str, Any]] = []
     chosen: tuple[int, dict[str, float]] | None = None
     for base in widths:  # narrowest first: stop measuring once a width is too slow
@@ -341,6 +339,24 @@ def recipe_iterations(plans: Plans) -> int:
     if "epochs" not in recipe:
         return MAX_ITERATIONS
     return min(MAX_ITERATIONS, int(recipe["epochs"]) * int(recipe.get("iterations_per_epoch", ITERATIONS_PER_EPOCH)))
+
+
+def candidate_widths(config: Configuration) -> list[int]:
+    """The base widths rule 1 tries, narrowest first: ``BASE_WIDTHS`` up to the planned one, and the planned one."""
+    planned = config.features_per_stage[0]
+    return sorted({w for w in BASE_WIDTHS if w <= planned} | {planned})
+
+
+def start_batch_size(config: Configuration, plans: Plans) -> int:
+    """The batch candidates are timed at (rule 2): 2, or the planned batch where the recipe fixes it."""
+    fixed = (plans.recipe_settings or {}).get("planning", {}).get("batch_size") is not None
+    return config.batch_size if fixed else min(2, config.batch_size)
+
+
+def with_short_schedule(config: Configuration, plans: Plans) -> Configuration:
+    """``config`` carrying rule 6's overrides in its ``training`` (what the probe applies), or none."""
+    overrides = short_schedule_overrides(plans)
+    return replace(config, training={"recipe_overrides": overrides} if overrides else None)
 
 
 def short_schedule_overrides(plans: Plans) -> dict[str, Any]:

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from decathlete.planning.budget import BASE_WIDTHS, Measure, fit_to_budget, short_schedule_overrides, with_width
+from decathlete.planning.budget import (
+    Measure,
+    candidate_widths,
+    fit_to_budget,
+    start_batch_size,
+    with_short_schedule,
+    with_width,
+)
 from decathlete.planning.plans import Configuration, Plans
 
 BUSY_SHARE = 0.75  # a process that gets less than this share of its threads' CPU time shares the machine
@@ -87,12 +94,8 @@ def fit_threads(config: Configuration, plans: Plans, device: torch.device, measu
     counts = thread_counts(device)
     if not counts:
         return None
-    planned = config.features_per_stage[0]
-    fixed_batch = (plans.recipe_settings or {}).get("planning", {}).get("batch_size") is not None
-    batch = config.batch_size if fixed_batch else min(2, config.batch_size)
-    narrowest = with_width(config, plans, min([w for w in BASE_WIDTHS if w <= planned] or [planned]), batch)
-    overrides = short_schedule_overrides(plans)
-    narrowest = replace(narrowest, training={"recipe_overrides": overrides} if overrides else None)
+    narrowest = with_width(config, plans, candidate_widths(config)[0], start_batch_size(config, plans))
+    narrowest = with_short_schedule(narrowest, plans)
     choice = choose_threads(lambda n: measure(narrowest, plans, device, threads=n), counts)
     log(f"  threads: {describe(choice)}")
     return choice
