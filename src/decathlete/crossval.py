@@ -25,7 +25,7 @@ from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
 from decathlete.infer.models import resolve_fold_dirs, trained_folds, unfinished
 from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
-from decathlete.infer.predictor import Predictor
+from decathlete.infer.predictor import load_predictor
 from decathlete.io.atomic import write_json_atomic
 from decathlete.io.checkpoint import FINAL
 from decathlete.io.datasets import load_dataset
@@ -125,7 +125,7 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     labels, ignore = scheme.evaluation_labels(), scheme.ignore_label  # regions, for region-based models
     val_ids = fold_split(workdir, plans, fold)["val"]
     out = fold_dir / "validation"
-    predictor = Predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
+    predictor = load_predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
                           step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
     done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                    progress=progress, on_conflict="redo")  # the fold's own folder

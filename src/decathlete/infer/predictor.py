@@ -380,10 +380,18 @@ def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | P
                    folds: Sequence[int | str] | int | str | None = None, *, overwrite: bool = False,
                    save_probabilities: bool = False, progress: bool = True, on_conflict: str = "refuse",
                    **predictor_kwargs: Any) -> dict[str, Any]:  # fmt: skip
-    """`Predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) + `Predictor.predict_folder`."""
-    predictor = Predictor(model, configuration, folds, **predictor_kwargs)
+    """`load_predictor` (``predictor_kwargs``: checkpoint, device, tta, step, recipe ...) +
+    `Predictor.predict_folder`."""
+    predictor = load_predictor(model, configuration, folds, **predictor_kwargs)
     return predictor.predict_folder(input_dir, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
                                     progress=progress, on_conflict=on_conflict)
+
+
+def load_predictor(model: str | Path, configuration: str = "3d_fullres",
+                   folds: Sequence[int | str] | int | str | None = None, **predictor_kwargs: Any) -> Predictor:
+    """The predictor of a trained configuration (`Predictor`'s arguments); every caller builds one here, so a
+    configuration that needs more than its own networks (a cascade stage) gets the predictor that provides it."""
+    return Predictor(model, configuration, folds, **predictor_kwargs)
 
 
 def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:
