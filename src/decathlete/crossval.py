@@ -126,7 +126,7 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     val_ids = fold_split(workdir, plans, fold)["val"]
     out = fold_dir / "validation"
     predictor = load_predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
-                          step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
+                               step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
     done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
                                    progress=progress, on_conflict="redo")  # the fold's own folder
     pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
