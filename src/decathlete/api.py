@@ -100,6 +100,10 @@ def plan(dataset: str | Path, workdir: str | Path, gpu_memory_gb: float = 8.0, p
         if missing:
             raise KeyError(f"the planner made no configuration {missing}; it made {', '.join(plans.configurations)}")
         plans.configurations = {k: v for k, v in plans.configurations.items() if k in configurations}
+        orphans = [f"{k} needs {v.previous_stage}" for k, v in plans.configurations.items()
+                   if v.previous_stage and v.previous_stage not in plans.configurations]
+        if orphans:
+            raise KeyError(f"a cascade stage needs its previous stage: {'; '.join(orphans)} (keep both)")
     if budget_s is not None:
         from decathlete.planning.threads import fit_with_threads
         from decathlete.train.probe import time_step
@@ -131,11 +135,16 @@ def preprocess(workdir: str | Path, configurations: Sequence[str] | None = None,
     names = list(configurations) if configurations else list(plans.configurations)
     chosen = {name: plans.configuration(name) for name in names}  # unknown names fail here, before any work
     desc = check_dataset(plans.dataset["root"], workers=workers)
-    results = {}
+    results: dict[str, Any] = {}
+    done: dict[str, str] = {}  # data identifier -> the configuration that made it (the cascade shares 3d_fullres's)
     for name, config in chosen.items():
         out = workdir / "preprocessed" / config.data_identifier
+        if config.data_identifier in done:
+            results[name] = results[done[config.data_identifier]]
+            continue
         results[name] = {**preprocess_dataset(desc.training, plans.preprocessing_config(name), out, workers=workers,
                                               progress=progress), "folder": str(out)}
+        done[config.data_identifier] = name
     return results
 
 

@@ -10,7 +10,10 @@ pseudo-Dice. Writes, under ``WORKDIR/models/<config>/<recipe>/``:
 * ``fold_<k>/validation/<case>.nii.gz`` and ``fold_<k>/validation/summary.json`` (+ CSV, box plots);
 * ``crossval/summary.json``: all folds' validation cases together;
 * ``postprocessing.json`` (:mod:`decathlete.infer.postprocess`), which ``predict`` then applies, and, when a step
-  was kept, ``crossval_postprocessed/`` with the postprocessed predictions and their ``summary.json``.
+  was kept, ``crossval_postprocessed/`` with the postprocessed predictions and their ``summary.json``;
+* for a configuration a cascade stage builds on (``3d_lowres``), once that stage's cases are preprocessed:
+  ``predicted_next_stage/<data identifier>/``, the predictions on the cascade's grid it trains with
+  (`decathlete.data.cascade`; otherwise its training writes them).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from decathlete.data.cascade import prepare_previous_stage
 from decathlete.data.folds import ALL, EVERY, fold_of, parse_folds
 from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
@@ -76,8 +80,22 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
     if spec["foreground"] or spec["per_class"]:
         scored = _score_postprocessed(pairs, spec, labels, root, workers, ignore, progress)
         result["postprocessed_mean"] = scored["mean"]
+    result["next_stages"] = _next_stage_inputs(workdir, root, configuration, [cid for cid, _, _ in pairs])
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
+
+
+def _next_stage_inputs(workdir: Path, root: Path, configuration: str, case_ids: list[str]) -> dict[str, str]:
+    """Cascade stage -> the folder of its inputs written from these predictions (module docstring); stages whose
+    cache is not there yet are left to their training."""
+    plans = Plans.load(workdir / "plans.json") if (workdir / "plans.json").is_file() else None
+    written = {}
+    for name, config in (plans.configurations.items() if plans else ()):
+        cache_dir = workdir / "preprocessed" / config.data_identifier
+        if config.previous_stage == configuration and root.parent == workdir / "models" / configuration \
+                and cache_dir.is_dir():
+            written[name] = str(prepare_previous_stage(workdir, plans, config, root.name, case_ids))
+    return written
 
 
 def _finished_folds(workdir: Path, configuration: str, folds: Sequence[int | str] | int | str, recipe: str | None,

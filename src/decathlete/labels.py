@@ -78,6 +78,11 @@ class LabelScheme:
         """The label each output channel paints: ``regions_class_order``, or the label values."""
         return list(self.regions_class_order if self.region_based else self.label_values)
 
+    @property
+    def foreground_values(self) -> list[int]:
+        """The label values other than background (0), in order: what a cascade's one-hot input channels stand for."""
+        return [v for v in self.label_values if v != 0]
+
     def evaluation_labels(self) -> dict[str, int | list[int]]:
         """What `decathlete.evaluate` scores: every region, or every foreground label, by name (never the ignore
         label, which `evaluate` gets separately to leave its voxels out)."""

@@ -207,7 +207,7 @@ def augment(
     image = _intensity(image, config, generator)
     if config.mask_channels:
         channels = list(config.mask_channels)
-        image[:, channels] = image[:, channels].masked_fill(label < 0, 0.0)
+        image[:, channels] = image[:, channels].masked_fill(label[:, :1] < 0, 0.0)
     return image, label
 
 

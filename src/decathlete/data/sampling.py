@@ -14,6 +14,10 @@ A batch of ``B`` crops of ``input_size`` (the final patch plus the augmentation 
 
 Outside the volume images read 0 and labels -1 ("outside": ignored by losses and augmentation).
 
+For a cascade stage (``previous_stage``: the folder of its previous stage's label maps on this cache's grid,
+`decathlete.data.cascade`) the label gets a second channel, the previous stage's labels in the same window, so the
+augmentation moves both together; `decathlete.data.cascade.previous_stage_channels` turns it into input channels.
+
 2D configurations first draw a slice along ``slice_axis`` (for forced samples: a slice holding the drawn class,
 uniformly among such slices, as nnU-Net's 2D loader), then a window in that slice.
 
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from decathlete.data.cascade import open_previous_stage
 from decathlete.preprocess import cache
 from decathlete.registry import register_sampler
 
@@ -84,6 +89,7 @@ class OpenCase:
     seg: Any  # (z, y, x) lazy array
     locations: dict[int, np.ndarray]  # label -> (N, 3) int32 (z, y, x)
     shape: tuple[int, int, int]
+    previous: Any = None  # (z, y, x) the previous stage's labels, for a cascade stage
 
 
 def rank_oversample_fraction(fraction: float, global_batch: int, world_size: int, rank: int) -> float:
@@ -134,6 +140,8 @@ class PatchSampler:
         max_open_cases: open case handles kept per process (each blosc2 file holds a descriptor); least recently
             used ones are closed beyond that.
         ignore_label: the dataset's ignore label (unannotated voxels), never targeted; the framework passes it.
+        previous_stage: a cascade stage's folder of previous-stage label maps (`decathlete.data.cascade`); the
+            label then has a second channel holding them. The framework passes it for a cascade configuration.
 
     Raises:
         ValueError: inconsistent sizes or dimensions, or no cases.
@@ -153,6 +161,7 @@ class PatchSampler:
         max_open_cases: int = 256,
         case_weights: dict[str, float] | None = None,
         ignore_label: int | None = None,
+        previous_stage: str | Path | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -173,6 +182,7 @@ class PatchSampler:
         self.slice_axis = slice_axis
         self.foreground_classes = None if foreground_classes is None else [int(c) for c in foreground_classes]
         self.ignore_label = ignore_label
+        self.previous_stage = None if previous_stage is None else Path(previous_stage)
         self.oversample_foreground = float(oversample_foreground)
         self.probabilistic_oversampling = probabilistic_oversampling
         self.max_open_cases = max(1, int(max_open_cases))
@@ -199,7 +209,11 @@ class PatchSampler:
         data, seg, _, locations = cache.open_case(self.case_dir, case_id, mmap=True)
         if seg is None:
             raise ValueError(f"case {case_id!r} in {self.case_dir} has no labels; training cases need them")
-        case = OpenCase(data, seg, locations, tuple(int(n) for n in seg.shape))
+        previous = None if self.previous_stage is None else open_previous_stage(self.previous_stage, case_id)
+        if previous is not None and previous.shape != seg.shape:
+            raise ValueError(f"the previous stage's labels of {case_id!r} have shape {previous.shape}, its cached "
+                             f"labels {seg.shape}: preprocess again, or run the previous stage's crossval again")
+        case = OpenCase(data, seg, locations, tuple(int(n) for n in seg.shape), previous)
         self._open[case_id] = case
         if len(self._open) > self.max_open_cases:
             self._open.popitem(last=False)
@@ -284,10 +298,11 @@ class PatchSampler:
 
         Returns:
             ``(image, label, meta)``: image float32 ``(B, C, *input_size)``, label int16 ``(B, 1, *input_size)`` with
-            -1 outside the volume, and per sample ``{"case_id", "start", "forced", "class", "slice"}`` where
-            ``start`` is the window's (z, y, x) corner in the case (may be negative), ``forced`` whether foreground
-            was requested, ``class`` the targeted label (None when not forced or the case has no foreground) and
-            ``slice`` the index along ``slice_axis`` (2D only, else None).
+            -1 outside the volume (``(B, 2, ...)`` for a cascade stage, the previous stage's labels second), and per
+            sample ``{"case_id", "start", "forced", "class", "slice"}`` where ``start`` is the window's (z, y, x)
+            corner in the case (may be negative), ``forced`` whether foreground was requested, ``class`` the
+            targeted label (None when not forced or the case has no foreground) and ``slice`` the index along
+            ``slice_axis`` (2D only, else None).
         """
         image = label = None
         meta: list[dict[str, Any]] = []
@@ -301,7 +316,7 @@ class PatchSampler:
             start, cls, index = self._window(case, forced, rng)
             if image is None:  # channel count known only once a case is open
                 image = np.empty((batch_size, case.data.shape[0], *self.input_size), dtype=np.float32)
-                label = np.empty((batch_size, 1, *self.input_size), dtype=np.int16)
+                label = np.empty((batch_size, 1 + (case.previous is not None), *self.input_size), dtype=np.int16)
             if case.data.shape[0] != image.shape[1]:
                 raise ValueError(f"case {case_id!r} has {case.data.shape[0]} channels, expected {image.shape[1]}")
             img_out, seg_out = image[i], label[i, 0]
@@ -309,6 +324,9 @@ class PatchSampler:
                 img_out = np.expand_dims(img_out, 1 + self.slice_axis)
                 seg_out = np.expand_dims(seg_out, self.slice_axis)
             self.read_window(case, start, size3, img_out, seg_out)
+            if case.previous is not None:
+                previous_out = label[i, 1] if self.spatial_dims == 3 else np.expand_dims(label[i, 1], self.slice_axis)
+                crop_with_padding(case.previous, start, size3, -1, out=previous_out)
             meta.append({"case_id": case_id, "start": start, "forced": forced, "class": cls, "slice": index})
         if image is None:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -110,4 +110,6 @@ def _show_crossval(result: dict[str, Any], args: argparse.Namespace) -> int:
     print(f"postprocessing: foreground LCC {pp['foreground']}, per class {list(pp['per_class']) or 'none'} "
           f"(mean Dice {pp['mean_dice_before']} -> {pp['mean_dice_after']})")
     print(f"wrote {result['folder']}/crossval/summary.json and postprocessing.json")
+    for stage, folder in result.get("next_stages", {}).items():
+        print(f"wrote {stage}'s inputs (these predictions on its grid) to {folder}")
     return 0

@@ -28,7 +28,7 @@ def resolve_fold_dirs(
         FileNotFoundError: no such model or fold (naming the command that trains it). ValueError: several recipes
             trained and none chosen, or a word that is no fold.
     """
-    base = _model_base(Path(model), configuration, recipe)
+    base = model_base(Path(model), configuration, recipe)
     spec = parse_folds(folds)
     numbered = sorted((d for d in base.glob("fold_*") if d.is_dir() and isinstance(fold_of(d.name), int)),
                       key=lambda d: fold_of(d.name))
@@ -48,7 +48,7 @@ def resolve_fold_dirs(
     return found
 
 
-def _model_base(root: Path, configuration: str, recipe: str | None) -> Path:
+def model_base(root: Path, configuration: str, recipe: str | None) -> Path:
     """The folder of the ``fold_*`` folders: ``root`` itself, or the recipe's under ``root/models/<config>``."""
     if list(root.glob("fold_*")):
         return root

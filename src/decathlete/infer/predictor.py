@@ -57,7 +57,7 @@ from decathlete.metrics.efficiency import write_efficiency
 from decathlete.nets.base import set_deep_supervision
 from decathlete.planning.plans import IDENTITY, Plans, inverse_permutation
 from decathlete.preprocess.cropping import bbox_slices, paste_into_bbox
-from decathlete.preprocess.pipeline import preprocess_case
+from decathlete.preprocess.pipeline import PreprocessedCase, preprocess_case
 from decathlete.preprocess.resampling import resample_volume, separate_axis_for
 from decathlete.recipes import build
 
@@ -241,7 +241,7 @@ class Predictor:
                 f"{self.n_channels} ({', '.join(map(str, self.plans.dataset['channel_names'].values()))})"
             )
         with phase(seconds, "network"):
-            probabilities = self.predict_probabilities(case.data, progress)
+            probabilities = self.predict_probabilities(self.network_input(case, image_paths), progress)
         del case.data
         with phase(seconds, "export"):
             label, full = invert_preprocessing(
@@ -249,6 +249,11 @@ class Predictor:
             )
             label = apply_postprocessing(label, self.postprocessing)
         return label, full, Geometry.from_dict(case.properties["geometry"])
+
+    def network_input(self, case: PreprocessedCase, image_paths: Sequence[str | Path] | str | Path) -> np.ndarray:
+        """What the networks see of a preprocessed case: its image (a cascade stage adds its previous stage's
+        prediction, `decathlete.infer.cascade`)."""
+        return case.data
 
     def run_description(self) -> dict[str, Any]:
         """What makes this run's label maps what they are (`decathlete.infer.provenance`): the weights by content,
@@ -265,7 +270,8 @@ class Predictor:
             set_deep_supervision(net, False)
             return net
 
-        return EfficiencyMeter(self.networks, make, self.n_channels, self.config.patch_size, self.device)
+        return EfficiencyMeter(self.networks, make, build.input_channels(self.config, self.plans),
+                               self.config.patch_size, self.device)
 
     def predict_case(self, image_paths: Sequence[str | Path] | str | Path, return_probabilities: bool = False,
                      case_id: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
@@ -391,7 +397,10 @@ def load_predictor(model: str | Path, configuration: str = "3d_fullres",
                    folds: Sequence[int | str] | int | str | None = None, **predictor_kwargs: Any) -> Predictor:
     """The predictor of a trained configuration (`Predictor`'s arguments); every caller builds one here, so a
     configuration that needs more than its own networks (a cascade stage) gets the predictor that provides it."""
-    return Predictor(model, configuration, folds, **predictor_kwargs)
+    from decathlete.infer.cascade import CascadePredictor, is_cascade
+
+    kind = CascadePredictor if is_cascade(model, configuration, predictor_kwargs.get("recipe")) else Predictor
+    return kind(model, configuration, folds, **predictor_kwargs)
 
 
 def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:

@@ -64,6 +64,7 @@ import torch
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Configuration, NetworkSpec, Plans
 from decathlete.planning.rules import MIN_FEATURE_MAP_SIZE, memory_gb
+from decathlete.recipes.build import input_channels
 from decathlete.registry import get
 
 # ``measure(config, plans, device) -> {"step_seconds", "forward_seconds"}``: one training step, one validation forward.
@@ -128,7 +129,7 @@ def _redescribed(config: Configuration, plans: Plans, kwargs: dict[str, Any], pa
                  batch: int) -> Configuration:
     """``config`` with new network kwargs, patch and batch, its parameter count and memory estimate redone."""
     name = config.network.name
-    n_in, n_out = len(plans.dataset["channel_names"]), LabelScheme.from_dataset(plans.dataset).num_outputs
+    n_in, n_out = input_channels(config, plans), LabelScheme.from_dataset(plans.dataset).num_outputs
     params = get("nets", name).parameter_count(n_in, n_out, **kwargs)
     memory = memory_gb(name, kwargs, patch, batch, n_in, n_out, plans.memory_target.kind)
     return replace(config, features_per_stage=list(kwargs["features_per_stage"]), patch_size=list(patch),
@@ -272,8 +273,10 @@ def fit_to_budget(config: Configuration, plans: Plans, budget_s: float, device: 
 def choose_configuration(configurations: dict[str, Configuration]) -> dict[str, Any] | None:
     """Rule 7: the budgeted configuration to train. The first 3D one (in plan order: 3d_fullres before 3d_lowres) whose
     plan holds ``MIN_ITERATIONS``; else 2D where it holds them; else the one holding the most. None without a
-    budget. Returns ``{"configuration", "why", "iterations"}`` (planned iterations per configuration)."""
-    steps = {name: c.training["iterations"] for name, c in configurations.items() if c.training}
+    budget. A cascade stage is no candidate: it needs its previous stage trained first. Returns
+    ``{"configuration", "why", "iterations"}`` (planned iterations per configuration)."""
+    steps = {name: c.training["iterations"] for name, c in configurations.items()
+             if c.training and not c.previous_stage}
     if not steps:
         return None
     three_d = [n for n in steps if configurations[n].spatial_dims == 3]

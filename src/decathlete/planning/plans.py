@@ -78,7 +78,7 @@ class MemoryTarget:
 
 @dataclass
 class Configuration:
-    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``).
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``).
 
     Attributes:
         spacing: target voxel spacing in mm, (z, y, x), used by preprocessing (3 values for 2D configs too).
@@ -100,6 +100,9 @@ class Configuration:
         notes: human-readable remarks of the planner.
         training: set when planned for a time budget (``planning/budget.py``): the budget, the probed device, the
             measured step time, iterations/epochs the trainer uses and the predicted training seconds.
+        previous_stage: a cascade stage (nnU-Net's ``3d_cascade_fullres``) names the configuration whose
+            cross-validation predictions it takes as extra input channels, one-hot per foreground label
+            (`decathlete.data.cascade`); None for a configuration that sees only the images.
     """
 
     spacing: list[float]
@@ -120,6 +123,7 @@ class Configuration:
     crop_to_nonzero: bool = True
     notes: list[str] = field(default_factory=list)
     training: dict[str, Any] | None = None
+    previous_stage: str | None = None
 
     @property
     def n_stages(self) -> int:

@@ -1,4 +1,5 @@
-"""The default planner: nnU-Net v2's rules, turning a fingerprint into ``2d``, ``3d_fullres`` and ``3d_lowres`` plans.
+"""The default planner: nnU-Net v2's rules, turning a fingerprint into ``2d``, ``3d_fullres``, ``3d_lowres`` and
+``3d_cascade_fullres`` plans.
 
 Rules (Isensee et al. 2021, https://doi.org/10.1038/s41592-020-01008-z, and nnU-Net v2's ExperimentPlanner):
 target spacing is the median spacing, except that a strongly anisotropic axis takes the 10th percentile of its
@@ -6,7 +7,10 @@ spacings; an axis is pooled while its spacing is within 2x of the finest and its
 kernels are 1 on an axis much coarser than the others; features start at 32 and double, capped at 320 (3D) / 512
 (2D); the patch starts with the aspect ratio of 1/spacing and ~256^3 voxels (2048^2 in 2D), clipped to the median
 shape, and the axis with the largest patch/median ratio shrinks until the activation-memory estimate for the
-minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the dataset's voxels. A recipe's
+minimum batch of 2 fits the budget; batch >= 2 and covers at most 5% of the dataset's voxels. When that patch covers
+less than a quarter of the median image, a coarser ``3d_lowres`` stage is planned and, on top of it, the
+``3d_cascade_fullres`` stage: 3d_fullres's plan with the low-resolution stage's prediction as extra input channels
+(one-hot per foreground label; `decathlete.data.cascade`). A recipe's
 ``planning`` (`decathlete.recipes.base.Planning`) overrides any of these: spacing, patch, batch, widths, blocks,
 normalisation, the 2D slice axis.
 
@@ -26,8 +30,10 @@ made for the CPU fits the same rules to a share of the machine's RAM with a CPU 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -205,6 +211,20 @@ def plan_configuration(spacing: list[float], median_shape: list[float], n_in: in
         parameters=get("nets", net).parameter_count(n_in, n_out, **kwargs), spatial_dims=dims, **extra)
 
 
+def plan_cascade(fullres: Configuration, previous: str, n_in: int, n_previous: int, n_out: int,
+                 memory_kind: str) -> Configuration:
+    """nnU-Net's cascade stage: ``fullres``'s plan (same cache, patch, batch and network) taking ``previous``'s
+    prediction as ``n_previous`` more input channels (one-hot per foreground label)."""
+    net, kwargs = fullres.network.name, copy.deepcopy(fullres.network.kwargs)
+    channels = n_in + n_previous
+    memory = memory_gb(net, kwargs, fullres.patch_size, fullres.batch_size, channels, n_out, memory_kind)
+    return replace(fullres, network=NetworkSpec(net, kwargs), previous_stage=previous,
+                   parameters=get("nets", net).parameter_count(channels, n_out, **kwargs),
+                   memory_estimate_gb=round(memory, 3), notes=[
+                       *fullres.notes, f"cascade: takes {previous}'s cross-validation predictions as {n_previous} "
+                       "more input channels (one-hot per foreground label)"])
+
+
 def transpose_axes(spacing: np.ndarray | list[float]) -> tuple[list[int], list[int]]:
     """``(transpose_forward, transpose_backward)`` for a target spacing in the data's array order: the coarsest
     axis first, the others in their order (nnU-Net v2). ``argmax`` takes the first of equal maxima, so isotropic
@@ -239,7 +259,8 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     full_spacing = rule_spacing[forward] if p.target_spacing is None else np.array(p.target_spacing, dtype=float)
     median_shape = median_shape_at(fingerprint, full_spacing, p.crop_to_nonzero, forward)
     n_in = len(fingerprint["channel_names"])
-    n_out = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset}).num_outputs
+    scheme = LabelScheme.from_dataset({"label_values": fingerprint["label_values"], **dataset})
+    n_out = scheme.num_outputs
     dataset_voxels = float(np.prod(median_shape)) * fingerprint["n_cases"]
     common = {"normalization": build_normalization(recipe, fingerprint, dataset), "resampling": dict(RESAMPLING),
               "crop_to_nonzero": p.crop_to_nonzero}
@@ -255,6 +276,9 @@ def plan_nnunet(fingerprint: dict[str, Any], dataset: dict[str, Any], recipe: Re
     # Batch Dice (nnU-Net): over the batch for 2D and for fullres when a lowres stage exists, else per sample.
     configs["2d"].batch_dice = True
     fullres.batch_dice = "3d_lowres" in configs
+    if "3d_lowres" in configs:
+        n_previous = len(scheme.foreground_values)
+        configs["3d_cascade_fullres"] = plan_cascade(fullres, "3d_lowres", n_in, n_previous, n_out, target.kind)
     return Plans(dataset=dataset, fingerprint_summary=summarise(fingerprint), planner="nnunet", recipe=recipe.name,
                  gpu_memory_gb=target.budget_gb, configurations=configs, recipe_settings=recipe.to_dict(),
                  transpose_forward=forward, transpose_backward=backward, memory_target=target)

@@ -256,6 +256,25 @@ def preprocess_case(
     return PreprocessedCase(out, seg, properties, locations)
 
 
+def labels_on_preprocessed_grid(seg: np.ndarray, properties: Mapping[str, Any]) -> np.ndarray:
+    """A label map on a raw case's grid (the file's axis order), brought onto that case's preprocessed grid the way
+    `preprocess_case` brings its labels: transposed, cropped to the case's box, resampled to its preprocessed shape.
+    A cascade stage takes its previous stage's prediction this way, in training and in prediction alike.
+
+    Raises:
+        ValueError: ``seg`` is not on the grid the properties were made from.
+    """
+    order = properties.get("transpose_forward", list(IDENTITY))
+    seg = _label_array(np.asarray(seg)).transpose(order)
+    if list(seg.shape) != list(properties["shape_before_crop"]):
+        raise ValueError(f"{properties['case_id']}: a label map of shape {list(seg.shape)} (in the plan's axis order) "
+                         f"is not on the case's grid {properties['shape_before_crop']}")
+    rs = properties["preprocessing"]["resampling"]
+    cropped = seg[tuple(slice(lo, hi) for lo, hi in properties["crop_bbox"])]
+    return resample_seg(np.ascontiguousarray(cropped), tuple(properties["shape_after_resampling"]), rs["label_order"],
+                        properties["separate_axis"], rs["separate_axis_order"])
+
+
 _Task = tuple[str, list[str], "str | None", dict[str, Any], str, str, list[str]]
 
 

@@ -28,10 +28,17 @@ from decathlete.planning.plans import Configuration, Plans
 from decathlete.recipes.base import PLAN_FIELDS, Recipe, RecipeError, Spec, get_recipe
 
 
+def input_channels(config: Configuration, plans: Plans) -> int:
+    """The network's input channels: the dataset's, and for a cascade stage one more per foreground label (its
+    previous stage's prediction, one-hot)."""
+    n = len(plans.dataset["channel_names"])
+    return n + len(LabelScheme.from_dataset(plans.dataset).foreground_values) if config.previous_stage else n
+
+
 def build_network(config: Configuration, plans: Plans) -> torch.nn.Module:
     """The registered network the plan describes (the same description the memory estimate used)."""
     labels = LabelScheme.from_dataset(plans.dataset)
-    return registry.build("nets", config.network.name, in_channels=len(plans.dataset["channel_names"]),
+    return registry.build("nets", config.network.name, in_channels=input_channels(config, plans),
                           num_classes=labels.num_outputs, **config.network.kwargs)
 
 
@@ -97,13 +104,14 @@ def mirror_axes(recipe: Recipe, config: Configuration) -> tuple[int, ...]:
 
 def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_ids: Sequence[str],
                   input_size: Sequence[int], rank: int = 0, world_size: int = 1,
-                  ignore_label: int | None = None) -> Any:
+                  ignore_label: int | None = None, previous_stage: Path | None = None) -> Any:
     """The recipe's patch sampler over ``case_ids`` of the preprocessed folder, crops of ``input_size``.
 
     Under DDP (``world_size`` > 1) a sampler taking ``oversample_foreground`` gets this rank's share of the forced
     samples, so that the global batch (the plan's ``batch_size``) has the recipe's fraction
     (`rank_oversample_fraction`). A sampler taking ``ignore_label`` gets the dataset's (`LabelScheme.ignore_label`),
-    which it never targets.
+    which it never targets. A cascade stage's sampler gets the folder of its previous stage's labels
+    (`decathlete.data.cascade`); one that cannot take it is refused.
     """
     kwargs = dict(recipe.sampler.kwargs)
     entry = registry.get("samplers", recipe.sampler.name)
@@ -114,6 +122,12 @@ def build_sampler(recipe: Recipe, config: Configuration, cases_dir: Path, case_i
         kwargs["oversample_foreground"] = rank_oversample_fraction(wanted, config.batch_size, world_size, rank)
     if ignore_label is not None and "ignore_label" in parameters:
         kwargs["ignore_label"] = ignore_label
+    if previous_stage is not None:
+        if "previous_stage" not in parameters:
+            raise RecipeError(f"recipe '{recipe.name}' samples with '{recipe.sampler.name}', which cannot read a "
+                              "cascade's previous stage (no previous_stage argument); train the cascade with a "
+                              "recipe whose sampler is a PatchSampler")
+        kwargs["previous_stage"] = previous_stage
     return entry(case_dir=cases_dir, case_ids=list(case_ids), input_size=input_size, patch_size=config.patch_size,
                  spatial_dims=config.spatial_dims, slice_axis=int(config.resampling.get("slice_axis", 0)), **kwargs)
 

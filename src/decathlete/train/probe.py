@@ -38,7 +38,7 @@ def _time_step(config: Configuration, plans: Plans, device: torch.device, recipe
     torch.manual_seed(seed)
     net = build_network(config, plans).to(device, memory_format=memory_format(device, config.spatial_dims))
     step, input_size = build_step(recipe, config, plans, net, build_optimizer(recipe, net), device)
-    n_in = len(plans.dataset["channel_names"])
+    n_in = len(plans.dataset["channel_names"])  # the images' channels: a cascade's others come from the label
     n_labels = max(LabelScheme.from_dataset(plans.dataset).label_values) + 1
     lr = base_learning_rate(recipe)
     gen = torch.Generator().manual_seed(seed)
@@ -47,13 +47,13 @@ def _time_step(config: Configuration, plans: Plans, device: torch.device, recipe
         # A fresh random batch each step stands in for the trainer's in-process sampling (reading and cropping a
         # cached case): measured on 2 cores, leaving it out made the prediction 20-35 % short.
         image = torch.randn((config.batch_size, n_in, *input_size), generator=gen).to(device)
-        label = torch.randint(0, n_labels, (config.batch_size, 1, *input_size), generator=gen).to(device)
-        step(image, label, gen, lr)
+        label = torch.randint(0, n_labels, (config.batch_size, step.label_channels, *input_size), generator=gen)
+        step(image, label.to(device), gen, lr)
 
     def forward() -> None:
         image = torch.randn((config.batch_size, n_in, *config.patch_size), generator=gen).to(device)
-        label = torch.randint(0, n_labels, (config.batch_size, 1, *config.patch_size), generator=gen).to(device)
-        step.evaluate(image, label)
+        label = torch.randint(0, n_labels, (config.batch_size, step.label_channels, *config.patch_size), generator=gen)
+        step.evaluate(image, label.to(device))
 
     net.train()
     cpu, wall = time.process_time(), time.perf_counter()

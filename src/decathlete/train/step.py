@@ -1,6 +1,10 @@
 """The one training step: augment on the device -> targets -> forward (autocast, channels-last) -> the recipe's loss
 -> scaled backward -> gradient clipping -> optimiser step. The trainer runs it every iteration and the budget probe
 (`decathlete.train.probe`) times it, so a plan made for a time budget measures exactly what training will run.
+
+A cascade stage's label carries the previous stage's labels as its second channel (`decathlete.data.sampling`); the
+step moves them into the input, one-hot and augmented (`decathlete.data.cascade.previous_stage_channels`), after
+the spatial augmentation moved them with the label.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 import torch
 
 from decathlete.augment import AugmentConfig, augment
+from decathlete.data.cascade import previous_stage_channels
 from decathlete.devices import autocast, in_memory_format
 from decathlete.labels import LabelScheme
 from decathlete.losses.base import TrainingBatch, TrainingLoss
@@ -34,16 +39,32 @@ class TrainStep:
         grad_clip: gradient-norm clip, or None.
         device: where the step runs; CUDA adds fp16 autocast with a gradient scaler.
         transforms: extra batch transforms after the augmentation, ``(image, label, generator) -> (image, label)``.
+        previous_stage_values: for a cascade stage, the label values of the previous stage's one-hot channels.
     """
 
     def __init__(self, net: torch.nn.Module, loss: TrainingLoss, optimizer: torch.optim.Optimizer,
                  augmentation: AugmentConfig, labels: LabelScheme, config: Configuration, grad_clip: float | None,
-                 device: torch.device, transforms: Sequence[Callable[..., Any]] = ()) -> None:
+                 device: torch.device, transforms: Sequence[Callable[..., Any]] = (),
+                 previous_stage_values: Sequence[int] | None = None) -> None:
         self.net, self.loss, self.optimizer, self.transforms = net, loss, optimizer, list(transforms)
         self.augmentation, self.labels, self.grad_clip, self.device = augmentation, labels, grad_clip, device
         self.patch_size, self.dims = list(config.patch_size), config.spatial_dims
         self.factors = ds_factors(config.strides)
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        self.previous_stage_values = None if previous_stage_values is None else list(previous_stage_values)
+
+    @property
+    def label_channels(self) -> int:
+        """Channels of the sampled label: 2 for a cascade stage (its previous stage's labels second), else 1."""
+        return 1 if self.previous_stage_values is None else 2
+
+    def inputs(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The network input and the label map it learns: a cascade stage's previous-stage channels appended
+        (augmented when a ``generator`` is given); the label's first channel."""
+        if self.previous_stage_values is None:
+            return image, label
+        return previous_stage_channels(image, label[:, 1:], self.previous_stage_values, generator), label[:, :1]
 
     def batch(self, image: torch.Tensor, label: torch.Tensor) -> TrainingBatch:
         """The batch as the loss sees it: targets on every deep-supervision grid."""
@@ -55,9 +76,11 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image, label = augment(image, label, self.patch_size, self.augmentation, generator)
+        previous = label[:, 1:]
         for transform in self.transforms:
-            image, label = transform(image, label, generator)
-        batch = self.batch(image, label)
+            image, target = transform(image, label[:, :1], generator)
+            label = torch.cat([target, previous], 1)
+        batch = self.batch(*self.inputs(image, label, generator))
         with autocast(self.device):
             output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
             loss = self.loss(output, batch)
@@ -73,7 +96,7 @@ class TrainStep:
     @torch.no_grad()
     def evaluate(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and full-resolution logits on an un-augmented batch (the network's mode is the caller's)."""
-        batch = self.batch(image, label)
+        batch = self.batch(*self.inputs(image, label))
         with autocast(self.device):
             output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
             loss = self.loss(output, batch).float()
@@ -87,6 +110,7 @@ def build_step(recipe: Recipe, config: Configuration, plans: Plans, net: torch.n
     augmentation, input_size = build_augmentation(recipe, config)
     loss = build_loss(recipe, config, plans, world_size).to(device)
     labels = LabelScheme.from_dataset(plans.dataset)
+    previous = labels.foreground_values if config.previous_stage else None
     step = TrainStep(net, loss, optimizer, augmentation, labels, config, recipe.grad_clip, device,
-                     build_transforms(recipe))
+                     build_transforms(recipe), previous)
     return step, input_size

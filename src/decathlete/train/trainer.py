@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from decathlete.data import cascade
 from decathlete.data.folds import ALL, Fold, fold_name
 from decathlete.data.splits import check_fold_preprocessed, fold_split
 from decathlete.devices import memory_format, resolve_device
@@ -236,6 +237,11 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     split = fold_split(workdir, plans, settings.fold)
     # before the fold folder exists: no stub left behind
     check_fold_preprocessed(workdir, config.data_identifier, settings.configuration, settings.fold, split)
+    sampling: dict[str, Any] = {"rank": world.rank, "world_size": world.size}
+    if config.previous_stage:  # its previous stage's predictions on this cache's grid (rank 0 writes them)
+        sampling["previous_stage"] = cascade.prepare_previous_stage(
+            workdir, plans, config, recipe.name, split["train"] + split["val"], write=world.is_main)
+        barrier(world)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and in every rerun
     model = build.build_network(config, plans).to(dev, memory_format=memory_format(dev, config.spatial_dims))
     optimizer = build.build_optimizer(recipe, model)
@@ -253,7 +259,7 @@ def _setup(workdir: Path, plans: Plans, config: Configuration, recipe: Recipe, s
     step, input_size = build_step(recipe, config, plans, net, optimizer, dev, world.size)
     batch = local_batch_size(config.batch_size, world)
     cases = workdir / "preprocessed" / config.data_identifier
-    sampling = {"rank": world.rank, "world_size": world.size, "ignore_label": step.labels.ignore_label}
+    sampling["ignore_label"] = step.labels.ignore_label
     train_batches = TrainBatches(build.build_sampler(recipe, config, cases, split["train"], input_size, **sampling),
                                  batch, settings.seed, world.rank, state.step, settings.num_workers,
                                  dev.type == "cuda")

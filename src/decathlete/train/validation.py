@@ -35,6 +35,7 @@ def validate(net: torch.nn.Module, step: TrainStep, batches: ValidationBatches, 
                leave=False, disable=not progress)
     for image, label in bar:
         loss, logits = step.evaluate(image, label)
+        label = label[:, :1]  # a cascade stage's second channel is its input (the previous stage's labels)
         loss_sum += loss
         batch_counts = step.labels.pseudo_dice_counts(logits, label)
         counts = batch_counts if counts is None else counts + batch_counts
