@@ -16,7 +16,7 @@ Config keys (a plans.json configuration; everything else in it is ignored):
 * ``"transpose_forward"``: the plan's axis order (`decathlete.planning.plans.Plans.transpose_forward`; default
   identity). Image, label and spacing are transposed right after reading, so ``"spacing"``, ``"slice_axis"`` and
   every shape, box and spacing in the properties are in that order, while ``geometry`` stays the file's own;
-  `decathlete.infer.predictor.invert_preprocessing` undoes the crop there and then the transposition.
+  `decathlete.infer.inversion.invert_preprocessing` undoes the crop there and then the transposition.
 
 Parallelism: `decathlete.preprocess.workers` (at most ``workers`` child processes, a fresh one per case or per chunk
 of tiny cases).

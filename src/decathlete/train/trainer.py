@@ -8,7 +8,6 @@ by ``(seed, rank, i)``, so ``--resume`` after a crash (even SIGKILL) replays the
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ from decathlete.planning.threads import torch_threads
 from decathlete.recipes import build
 from decathlete.recipes.base import Recipe, saved_recipe, validate
 from decathlete.train import run as records
-from decathlete.train.batches import TrainBatches, ValidationBatches
+from decathlete.train.batches import TrainBatches, ValidationBatches, default_workers
 from decathlete.train.clock import TrainingClock, achieved_vs_planned, budget_spent, extended_anchor, refit_epochs
 from decathlete.train.distributed import World, all_reduce_sum, barrier, init_world, local_batch_size, shutdown
 from decathlete.train.progress import TrainingLog
@@ -218,14 +217,6 @@ def _resolve_recipe(plans: Plans, config: Configuration, options: TrainOptions, 
     recipe = validate(base.with_overrides([*planned_overrides, *options.overrides, *lengths]))
     build.check_against_plans(recipe, plans, config, workdir)
     return recipe
-
-
-def default_workers(dev: torch.device) -> int:
-    """Loader processes: none on a CPU (measured on 2 cores: moving a batch between processes costs ~80 ms, sampling
-    it in-process ~20 ms, and the workers would compete with the training threads), several feeding a GPU."""
-    if dev.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _seed_for(*parts: int) -> int:
