@@ -39,7 +39,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="validate, fingerprint and plan a dataset",
                        description="Validate the dataset, extract its fingerprint and write WORKDIR/fingerprint.json "
                                    "and WORKDIR/plans.json (configurations 2d, 3d_fullres and, for large images, "
-                                   "3d_lowres; all sizes in (z, y, x) order).")
+                                   "3d_lowres with the 3d_cascade_fullres stage built on it; all sizes in (z, y, x) "
+                                   "order).")
     p.add_argument("dataset", help="dataset folder containing dataset.json")
     p.add_argument("-o", "--output", required=True, metavar="WORKDIR", help="work folder to write the plans into")
     p.add_argument("--gpu-memory", type=float, default=8.0, metavar="GiB",
