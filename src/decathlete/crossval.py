@@ -27,7 +27,12 @@ from decathlete.data.folds import ALL, EVERY, fold_of, parse_folds
 from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
 from decathlete.infer.models import resolve_fold_dirs, trained_folds, unfinished
-from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
+from decathlete.infer.postprocess import (
+    apply_postprocessing,
+    choose_postprocessing,
+    reported_only,
+    save_postprocessing,
+)
 from decathlete.infer.predictor import load_predictor
 from decathlete.io.atomic import write_json_atomic
 from decathlete.io.checkpoint import FINAL
@@ -36,6 +41,9 @@ from decathlete.io.images import image_suffix, read_label, write_image
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import Recipe
+
+NO_POSTPROCESSING = ("the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
+                     "reported, none is applied")
 
 
 def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
@@ -71,9 +79,7 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
                              ignore_label=ignore, progress=progress)
     spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
     if not fold.recipe.inference.postprocessing:
-        spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
-                "rule": "the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
-                        "reported, none is applied"}
+        spec = reported_only(spec, NO_POSTPROCESSING)
     spec["folds"] = [fold_of(d.name) for d in fold_dirs]
     save_postprocessing(spec, root)
     result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],
