@@ -57,6 +57,13 @@ def test_crossval_best_and_an_ensemble_prediction(work: Path, tmp_path: Path, ca
                     seg = read_label(root / f"fold_{fold}" / "validation" / f"{case}.nii.gz")[0]
                     assert saved["probabilities"].dtype == np.float16
                     assert saved["probabilities"].shape == (3, *seg.shape)
+    # resuming: a case whose probabilities are missing is predicted again, the others are kept
+    lost = work / "models" / "2d" / "tiny" / "fold_0" / "validation" / f"{SPLITS[0]['val'][0]}.npz"
+    kept = lost.with_name(f"{SPLITS[0]['val'][1]}.npz")
+    lost.unlink()
+    stamp = kept.stat().st_mtime_ns
+    assert main(["crossval", str(work), "-c", "2d", "--save-probabilities", "--no-tta", "--device", "cpu"]) == 0
+    assert lost.is_file() and kept.stat().st_mtime_ns == stamp
     capsys.readouterr()
     assert main(["best", str(work)]) == 0
     out = capsys.readouterr().out

@@ -111,7 +111,11 @@ def find_best(workdir: str | Path, configurations: Sequence[str] | None = None, 
     if len(winners) == 1:
         chosen["postprocessing"] = _summary_of(load_postprocessing(winners[0].folder), winners[0].folder / FILENAME)
     else:
-        chosen["postprocessing"] = _ensemble_postprocessing(winners, pairs[chosen["name"]], scoring)
+        chosen["postprocessing"] = pp = _ensemble_postprocessing(winners, pairs[chosen["name"]], scoring)
+        if pp["foreground"] or pp["per_class"]:  # its postprocessed score, as a configuration's crossval records it
+            after = sum(pp["mean_dice_after"].values()) / len(pp["mean_dice_after"])
+            chosen["postprocessed_foreground_dice"] = after
+            next(c for c in candidates if c["name"] == chosen["name"])["postprocessed_foreground_dice"] = after
     document = {"workdir": str(workdir), "rule": RULE, "n_cases": len(cases), "cases": cases,
                 "candidates": candidates, "skipped": skipped, "chosen": chosen,
                 "command": predict_command(workdir, chosen["configurations"], recipe)}
