@@ -321,7 +321,7 @@ def test_predict_uses_every_trained_fold_by_default(workdir: Path, tmp_path: Pat
 
 def test_predict_shows_a_tile_bar_per_fold_inside_the_case_bar(workdir: Path, tmp_path: Path, bars,
                                                                capsys: pytest.CaptureFixture) -> None:
-    made = bars("decathlete.infer.predictor", "decathlete.infer.sliding_window")
+    made = bars("decathlete.infer.outputs", "decathlete.infer.sliding_window")
     inp = tmp_path / "in"
     inp.mkdir()
     _write_oblique_nifti(inp / "case.nii.gz")

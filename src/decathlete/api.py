@@ -1,6 +1,6 @@
 """Every verb of the command line as a typed Python function: ``validate``, ``plan``, ``preprocess``, ``patches``,
-``train``, ``predict``, ``crossval``, ``evaluate``, ``search`` and ``demo``. The CLI parses arguments and calls these,
-so what a command does, a script can do with the same names and defaults::
+``train``, ``predict``, ``crossval``, ``best``, ``evaluate``, ``search`` and ``demo``. The CLI parses arguments and
+calls these, so what a command does, a script can do with the same names and defaults::
 
     from decathlete import api
     api.plan("Task04_Hippocampus", "work", time_budget="15m")
@@ -211,7 +211,8 @@ def train(workdir: str | Path, configuration: str = "3d_fullres", fold: int | st
             for k in folds]
 
 
-def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
+def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path,
+            configuration: str | Sequence[str] = "3d_fullres",
             folds: int | str | Sequence[int | str] | None = None, *, checkpoint: str = "checkpoint_final.pth",
             recipe: str | None = None, overrides: Sequence[str] = (), tta: bool | None = None,
             step: float | None = None, whole_volume: bool = True, postprocess: bool = True,
@@ -222,6 +223,9 @@ def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, co
 
     Args:
         model: work folder, or a ``models/<configuration>/<recipe>`` folder of ``fold_<k>``.
+        configuration: a configuration, or several (a work folder's): their probabilities are averaged per case and
+            the ensemble's postprocessing applied, when :func:`best` chose one (:mod:`decathlete.infer.ensemble`);
+            folds, checkpoint, TTA, step and overrides apply to every one.
         folds: folds to ensemble: fold numbers and/or ``"all"`` (the ``fold_all`` model, trained on every case);
             None or ``"every"`` = every cross-validation fold whose training finished (the others are named in
             ``skipped_folds``).
@@ -239,38 +243,74 @@ def predict(input_dir: str | Path, output_dir: str | Path, model: str | Path, co
     Returns:
         ``n_cases``, ``n_done``, ``n_skipped``, ``seconds``, ``model`` (the folder of the fold folders), ``folds``
         (the fold folders used), ``skipped_folds``, ``case_seconds``, ``outputs`` (case id -> file) and
-        ``efficiency`` (what ``efficiency.json`` holds).
+        ``efficiency`` (what ``efficiency.json`` holds). Several configurations add ``configurations``,
+        ``members`` (each one's model folder and folds), ``postprocessing`` (the file applied, or None) and
+        ``postprocessing_note``; their ``folds`` read ``<config>/fold_<k>``.
 
     Raises:
         decathlete.errors.CasesFailed: after the other cases are written, naming the cases that failed.
     """
+    configurations = [configuration] if isinstance(configuration, str) else list(configuration)
+    if not configurations:
+        raise ValueError("no configuration given: name one or more (-c 3d_fullres, or -c 2d 3d_fullres)")
+    options = dict(overwrite=overwrite, save_probabilities=save_probabilities, progress=progress,
+                   on_conflict=on_conflict, checkpoint=checkpoint, device=device, tta=tta, step=step, recipe=recipe,
+                   postprocess=postprocess, whole_volume=whole_volume, overrides=overrides)
+    if len(configurations) > 1:
+        from decathlete.infer.ensemble import predict_ensemble_folder
+
+        return predict_ensemble_folder(input_dir, output_dir, model, configurations, folds, **options)
     from decathlete.infer.predictor import predict_folder
 
-    return predict_folder(input_dir, output_dir, model, configuration, folds, overwrite=overwrite,
-                          save_probabilities=save_probabilities, progress=progress, on_conflict=on_conflict,
-                          checkpoint=checkpoint, device=device, tta=tta, step=step, recipe=recipe,
-                          postprocess=postprocess, whole_volume=whole_volume, overrides=overrides)
+    return predict_folder(input_dir, output_dir, model, configurations[0], folds, **options)
 
 
 def crossval(workdir: str | Path, configuration: str = "3d_fullres",
              folds: int | str | Sequence[int | str] = "every", *,
              recipe: str | None = None, checkpoint: str = "checkpoint_final.pth", overrides: Sequence[str] = (),
              tta: bool | None = None, step: float | None = None, whole_volume: bool = True, workers: int = 1,
-             overwrite: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+             overwrite: bool = False, device: str = "auto", progress: bool = True,
+             save_probabilities: bool = False) -> dict[str, Any]:
     """Every trained fold predicts its held-out cases from the raw images; the predictions are scored per fold and
     together, and the connected-component postprocessing is chosen on them (:mod:`decathlete.crossval`).
+    ``save_probabilities`` also writes each validation case's probabilities (``fold_<k>/validation/<case>.npz``),
+    which :func:`best` needs to score ensembles of configurations.
     ``folds``: fold numbers, or ``"every"`` (each cross-validation fold, all finished); ``"all"`` is refused, as
     ``fold_all`` holds no case out.
 
     Returns:
         ``folds``, ``n_cases``, ``mean`` (per label: Dice, NSD, HD95 ...), ``foreground_mean``,
-        ``postprocessing`` (what was chosen, mean Dice before and after), ``postprocessed_mean`` and ``folder``.
+        ``postprocessing`` (what was chosen, mean Dice before and after), ``postprocessed_mean``, ``folder`` and
+        ``probabilities_saved`` (every validation case has its ``.npz``).
     """
     from decathlete.crossval import cross_validate
 
     return cross_validate(workdir, configuration, folds, recipe=recipe, checkpoint=checkpoint, device=device,
                           tta=tta, step=step, workers=workers, overwrite=overwrite, progress=progress,
-                          whole_volume=whole_volume, overrides=overrides)
+                          whole_volume=whole_volume, overrides=overrides, save_probabilities=save_probabilities)
+
+
+def best(workdir: str | Path, configurations: Sequence[str] | None = None, recipe: str | None = None,
+         workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Choose among the cross-validated configurations of a work folder and their pairwise ensembles
+    (:mod:`decathlete.selection`, nnU-Net v2's ``nnUNetv2_find_best_configuration``): each is scored by the mean
+    foreground Dice of its cross-validation predictions before postprocessing, on the same cases; the winner's
+    postprocessing is chosen (an ensemble's into ``WORKDIR/ensembles/<A>+<B>/postprocessing.json``).
+
+    Args:
+        configurations: only these (default: every one whose ``crossval`` ran).
+        recipe: the recipe folder of every configuration (default: the plans' recipe, or the only one
+            cross-validated).
+        workers: processes for scoring.
+
+    Returns:
+        The ``WORKDIR/best.json`` document: ``candidates`` (configurations, recipes, mean foreground Dice, Dice per
+        label, ``n_cases``), ``cases``, ``skipped`` (with the reason and the fix), ``chosen`` (with its
+        postprocessing) and ``command`` (the ``decathlete predict`` command line that uses it).
+    """
+    from decathlete.selection import find_best
+
+    return find_best(workdir, configurations, recipe, workers=workers, progress=progress)
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, labels: str | Path | Mapping[str, Any] | None = None,

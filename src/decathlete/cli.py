@@ -19,7 +19,7 @@ from typing import Any
 from decathlete import __version__, registry
 from decathlete.cli_options import add_json, add_set, workers
 from decathlete.errors import CasesFailed, ImageReadError
-from decathlete.infer.command import add_crossval, add_predict
+from decathlete.infer.command import add_best, add_crossval, add_predict
 from decathlete.io.validation import DatasetError
 from decathlete.metrics.command import add_evaluate
 from decathlete.search.command import add_search
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import PKG first so that its registered components are available (repeatable)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for add in (_add_validate, _add_plan, _add_preprocess, _add_patches, _add_train, add_predict, add_crossval,
-                _add_demo, _add_list):
+                add_best, _add_demo, _add_list):
         add(sub)
     add_evaluate(sub)
     add_search(sub)

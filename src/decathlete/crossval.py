@@ -7,7 +7,10 @@ its split from the RAW images (exactly what ``predict`` does for new data: prepr
 inversion, written with the input's geometry), so these scores are what a user gets, not the trainer's patch-based
 pseudo-Dice. Writes, under ``WORKDIR/models/<config>/<recipe>/``:
 
-* ``fold_<k>/validation/<case>.nii.gz`` and ``fold_<k>/validation/summary.json`` (+ CSV, box plots);
+* ``fold_<k>/validation/<case>.nii.gz`` and ``fold_<k>/validation/summary.json`` (+ CSV, box plots); with
+  ``save_probabilities`` also ``fold_<k>/validation/<case>.npz`` (the probabilities on the input grid, as
+  ``predict --save-probabilities`` writes them), which `decathlete.selection` needs to score ensembles;
+* ``crossval/result.json``: the key figures, and whether every case's probabilities are saved;
 * ``crossval/summary.json``: all folds' validation cases together;
 * ``postprocessing.json`` (:mod:`decathlete.infer.postprocess`), which ``predict`` then applies, and, when a step
   was kept, ``crossval_postprocessed/`` with the postprocessed predictions and their ``summary.json``;
@@ -28,28 +31,39 @@ from decathlete.data.folds import ALL, EVERY, fold_of, parse_folds
 from decathlete.data.splits import fold_split
 from decathlete.evaluate import evaluate_pairs
 from decathlete.infer.models import resolve_fold_dirs, trained_folds, unfinished
-from decathlete.infer.postprocess import apply_postprocessing, choose_postprocessing, save_postprocessing
+from decathlete.infer.postprocess import (
+    apply_postprocessing,
+    choose_postprocessing,
+    reported_only,
+    save_postprocessing,
+)
 from decathlete.infer.predictor import load_predictor
 from decathlete.io.atomic import write_json_atomic
 from decathlete.io.checkpoint import FINAL
 from decathlete.io.datasets import load_dataset
-from decathlete.io.images import read_label, write_image
+from decathlete.io.images import image_suffix, read_label, write_image
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
 from decathlete.recipes.base import Recipe
+
+NO_POSTPROCESSING = ("the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
+                     "reported, none is applied")
 
 
 def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
                    folds: Sequence[int | str] | int | str = EVERY, *,
                    recipe: str | None = None, checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None,
                    step: float | None = None, workers: int = 1, overwrite: bool = False, progress: bool = True,
-                   whole_volume: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
+                   whole_volume: bool = True, overrides: Sequence[str] = (),
+                   save_probabilities: bool = False) -> dict[str, Any]:
     """Predict, score and choose postprocessing (module docstring); returns the key figures.
 
-    ``tta``, ``step`` and ``overrides`` (``inference.*`` only) default to the model's recipe.
+    ``tta``, ``step`` and ``overrides`` (``inference.*`` only) default to the model's recipe. ``save_probabilities``
+    also writes each validation case's ``<case>.npz`` (a case predicted earlier without it is predicted again).
 
     Returns:
-        ``{"folds", "n_cases", "mean", "foreground_mean", "postprocessing", "postprocessed_mean", "folder"}``.
+        ``{"folds", "n_cases", "mean", "foreground_mean", "postprocessing", "postprocessed_mean", "folder",
+        "probabilities_saved"}`` (the last: every validation case has its ``.npz``).
 
     Raises:
         ValueError: fold ``all`` asked for. FileNotFoundError: a fold whose training did not finish (with the fixes).
@@ -61,22 +75,22 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
     for fold_dir in fold_dirs:
         fold = validate_fold(workdir, fold_dir, configuration, checkpoint=checkpoint, device=device, tta=tta,
                              step=step, workers=workers, overwrite=overwrite, progress=progress,
-                             whole_volume=whole_volume, overrides=overrides)
+                             whole_volume=whole_volume, overrides=overrides,
+                             save_probabilities=save_probabilities)
         pairs += fold.pairs
     labels, ignore = fold.labels, fold.ignore_label
     summary = evaluate_pairs(pairs, labels, workers=workers, output=root / "crossval" / "summary.json",
                              ignore_label=ignore, progress=progress)
     spec = choose_postprocessing([(p, r) for _, p, r in pairs], labels, ignore)
     if not fold.recipe.inference.postprocessing:
-        spec = {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"],
-                "rule": "the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
-                        "reported, none is applied"}
+        spec = reported_only(spec, NO_POSTPROCESSING)
     spec["folds"] = [fold_of(d.name) for d in fold_dirs]
     save_postprocessing(spec, root)
     result = {"folds": spec["folds"], "n_cases": len(pairs), "mean": summary["mean"],
               "foreground_mean": summary["foreground_mean"], "postprocessing": {
                   k: spec[k] for k in ("foreground", "per_class", "mean_dice_before", "mean_dice_after")},
-              "postprocessed_mean": None, "folder": str(root)}
+              "postprocessed_mean": None, "folder": str(root),
+              "probabilities_saved": all(probability_file(p).is_file() for _, p, _ in pairs)}
     if spec["foreground"] or spec["per_class"]:
         scored = _score_postprocessed(pairs, spec, labels, root, workers, ignore, progress)
         result["postprocessed_mean"] = scored["mean"]
@@ -129,10 +143,11 @@ class FoldValidation:
 def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str = "3d_fullres", *,
                   checkpoint: str = FINAL, device: str = "auto", tta: bool | None = None, step: float | None = None,
                   workers: int = 1, overwrite: bool = False, progress: bool = True, whole_volume: bool = True,
-                  overrides: Sequence[str] = ()) -> FoldValidation:
+                  overrides: Sequence[str] = (), save_probabilities: bool = False) -> FoldValidation:
     """The model in ``fold_dir`` (``.../fold_<k>``, trained on WORKDIR's split ``k``) predicts that split's validation
     cases from the raw images into ``fold_dir/validation/`` and scores them there (``summary.json``), without
-    postprocessing."""
+    postprocessing; with ``save_probabilities`` also ``<case>.npz``. A case predicted again without it loses an
+    older ``.npz``, which no longer belongs to its label map."""
     fold_dir = Path(fold_dir)
     fold = fold_of(fold_dir.name)
     if fold is None:
@@ -146,11 +161,20 @@ def validate_fold(workdir: str | Path, fold_dir: str | Path, configuration: str 
     predictor = load_predictor(fold_dir.parent, configuration, [fold], checkpoint=checkpoint, device=device, tta=tta,
                                step=step, postprocess=False, whole_volume=whole_volume, overrides=overrides)
     done = predictor.predict_cases({cid: cases[cid].images for cid in val_ids}, out, overwrite=overwrite,
-                                   progress=progress, on_conflict="redo")  # the fold's own folder
+                                   save_probabilities=save_probabilities, progress=progress,
+                                   on_conflict="redo")  # the fold's own folder
+    if not save_probabilities:
+        for cid in done["case_seconds"]:  # predicted now: an older npz is another model's
+            probability_file(Path(done["outputs"][cid])).unlink(missing_ok=True)
     pairs = [(cid, Path(done["outputs"][cid]), cases[cid].label) for cid in val_ids]
     summary = evaluate_pairs(pairs, labels, workers=workers, output=out / "summary.json", ignore_label=ignore,
                              progress=progress)
     return FoldValidation(pairs, summary, labels, ignore, predictor.recipe)
+
+
+def probability_file(prediction: Path) -> Path:
+    """The ``<case>.npz`` beside a prediction ``<case><ending>``."""
+    return prediction.with_name(f"{prediction.name[:-len(image_suffix(prediction))]}.npz")
 
 
 def _score_postprocessed(pairs: list[tuple[str, Path, Path]], spec: dict[str, Any], labels: dict[str, Any],

@@ -130,6 +130,11 @@ def choose_postprocessing(pairs: Sequence[tuple[str | Path, str | Path]], labels
                     "lowers no class; per-class steps are judged on top of the foreground step when it was kept"}
 
 
+def reported_only(spec: Mapping[str, Any], why: str) -> dict[str, Any]:
+    """``spec`` with no step applied (a recipe that forbids postprocessing): the candidates stay, for the record."""
+    return {**spec, "foreground": False, "per_class": {}, "mean_dice_after": spec["mean_dice_before"], "rule": why}
+
+
 def save_postprocessing(spec: Mapping[str, Any], folder: str | Path) -> Path:
     path = Path(folder) / FILENAME
     write_json_atomic(path, dict(spec))

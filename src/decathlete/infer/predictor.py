@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -29,24 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from decathlete import registry
 from decathlete.data.folds import EVERY, parse_folds
 from decathlete.devices import memory_format, resolve_device
-from decathlete.errors import CasesFailed
-from decathlete.infer.cases import check_output_folder, discover_cases, output_ending
+from decathlete.infer.cases import check_output_folder, discover_cases
 from decathlete.infer.efficiency import EfficiencyMeter, phase
 from decathlete.infer.inversion import invert_preprocessing
 from decathlete.infer.models import check_trained, model_recipe, resolve_fold_dirs, trained_folds
+from decathlete.infer.outputs import write_predictions
 from decathlete.infer.postprocess import apply_postprocessing, load_postprocessing
-from decathlete.infer.provenance import Provenance, file_digest
+from decathlete.infer.provenance import file_digest
 from decathlete.infer.sliding_window import sliding_window_predict
-from decathlete.io.atomic import is_temporary_of, write_atomic
 from decathlete.io.checkpoint import FINAL, load_checkpoint
-from decathlete.io.images import Geometry, write_image
+from decathlete.io.images import Geometry
 from decathlete.labels import LabelScheme
-from decathlete.metrics.efficiency import write_efficiency
 from decathlete.nets.base import set_deep_supervision
 from decathlete.planning.plans import Plans
 from decathlete.preprocess.pipeline import PreprocessedCase, preprocess_case
@@ -273,54 +269,17 @@ class Predictor:
         An output another model or other settings made (`decathlete.infer.provenance`) is refused (``on_conflict``
         ``"refuse"``, with the fix) or predicted again (``"redo"``, for folders the caller owns).
         """
-        start = time.perf_counter()
-        output_dir = Path(output_dir)
-        cases = {cid: [Path(p) for p in paths] for cid, paths in cases.items()}
-        targets = {cid: output_dir / f"{cid}{output_ending(paths[0])}" for cid, paths in cases.items()}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        finals = {p.name for p in targets.values()} | {f"{cid}.npz" for cid in cases}
-        for stale in output_dir.glob(".tmp-*"):  # left by a killed run; only ever our own file names
-            if stale.is_file() and any(is_temporary_of(stale, n) for n in finals):
-                stale.unlink(missing_ok=True)
-        provenance = Provenance(output_dir, self.run_description(), {
-            "model": str(self.fold_dirs[0].parent), "skipped_folds": self.skipped_folds})
-        existing = [cid for cid in cases if targets[cid].exists()]
-        conflicts = {} if overwrite else provenance.conflicts(existing)
-        if conflicts and on_conflict == "refuse":
-            raise FileExistsError(
-                f"{output_dir} already holds predictions of {len(conflicts)} of these cases (e.g. "
-                f"{next(iter(conflicts))}) made with another model or settings ({provenance.explain(conflicts)}); "
-                "predict into another folder (-o), or replace them with --overwrite")
-        npz_missing = {cid: save_probabilities and not (output_dir / f"{cid}.npz").exists() for cid in cases}
-        todo = [cid for cid in cases if overwrite or npz_missing[cid] or cid in conflicts or cid not in existing]
-        seconds, failed, costs = {}, {}, {}
-        meter = self.efficiency_meter()
-        for cid in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
-            t0 = time.perf_counter()
-            try:
-                with meter.case(cost := {}) as phases:  # a large case takes minutes: a bar over its tiles too
-                    label, full, geometry = self._predict(cases[cid], cid, save_probabilities, phases, progress)
-                    provenance.record(cid)  # before the label map: an entry without one is simply redone
-                    with phase(phases, "export"):
-                        if full is not None:
-                            _save_probabilities(output_dir / f"{cid}.npz", full, self.class_values)
-                        write_image(label, geometry, targets[cid], dtype=label.dtype)  # last: it means "done"
-            except Exception as exc:  # the other cases go on; Ctrl-C (not an Exception) stops at once
-                failed[cid] = f"{type(exc).__name__}: {exc}"
-                continue
-            seconds[cid], costs[cid] = time.perf_counter() - t0, cost
-        efficiency = None
-        if costs:
-            efficiency = write_efficiency(output_dir, meter.run_record(
+        done = write_predictions(
+            cases, output_dir, self._predict, description=self.run_description(),
+            context={"model": str(self.fold_dirs[0].parent), "skipped_folds": self.skipped_folds},
+            class_values=self.class_values, meter=self.efficiency_meter(), about=dict(
                 model=str(self.fold_dirs[0].parent), configuration=self.config_name, recipe=self.recipe.name,
-                folds=[d.name for d in self.fold_dirs], mirror_axes=list(self.mirror_axes)), costs)
-        if failed:
-            raise CasesFailed(failed, len(todo), output_dir)
-        n = len(cases)
-        return {"n_cases": n, "n_done": len(todo), "n_skipped": n - len(todo), "seconds": time.perf_counter() - start,
+                folds=[d.name for d in self.fold_dirs], mirror_axes=list(self.mirror_axes)),
+            overwrite=overwrite, save_probabilities=save_probabilities, progress=progress, on_conflict=on_conflict)
+        return {**{k: done[k] for k in ("n_cases", "n_done", "n_skipped", "seconds")},
                 "model": str(self.fold_dirs[0].parent), "folds": [d.name for d in self.fold_dirs],
-                "skipped_folds": self.skipped_folds, "case_seconds": seconds,
-                "outputs": {cid: str(t) for cid, t in targets.items()}, "efficiency": efficiency}  # fmt: skip
+                "skipped_folds": self.skipped_folds,
+                **{k: done[k] for k in ("case_seconds", "outputs", "efficiency")}}
 
 
 def predict_folder(input_dir: str | Path, output_dir: str | Path, model: str | Path, configuration: str = "3d_fullres",
@@ -343,10 +302,3 @@ def load_predictor(model: str | Path, configuration: str = "3d_fullres",
     kind = CascadePredictor if is_cascade(model, configuration, predictor_kwargs.get("recipe")) else Predictor
     return kind(model, configuration, folds, **predictor_kwargs)
 
-
-def _save_probabilities(path: Path, probabilities: np.ndarray, class_values: Sequence[int]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a temporary's name
-            np.savez_compressed(f, probabilities=probabilities, class_values=np.asarray(class_values))
-
-    write_atomic(path, write)
