@@ -125,7 +125,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     api.preprocess(work, ["3d_lowres", "3d_cascade_fullres"], workers=1, progress=False)
     (work / "splits.json").write_text(json.dumps(SPLITS))
     api.train(work, "3d_lowres", "every", **QUICK)
-    api.crossval(work, "3d_lowres", progress=False, device="cpu")
+    api.crossval(work, "3d_lowres", progress=False, device="cpu", save_probabilities=True)
     api.train(work, "3d_cascade_fullres", "every", **QUICK)
     return work
 
@@ -236,6 +236,17 @@ def test_predict_runs_the_lowres_stage_first_and_keeps_the_geometry(work: Path, 
     assert "3d_lowres" in json.dumps(provenance)  # which lowres model fed the cascade is part of the result
 
 
-def test_crossval_of_the_cascade_scores_its_folds(work: Path) -> None:
-    result = api.crossval(work, "3d_cascade_fullres", progress=False, device="cpu")
+def test_the_cascade_is_cross_validated_compared_and_ensembled_like_any_configuration(work: Path,
+                                                                                       tmp_path: Path) -> None:
+    result = api.crossval(work, "3d_cascade_fullres", progress=False, device="cpu", save_probabilities=True)
     assert result["n_cases"] == 4 and result["folds"] == [0, 1] and result["next_stages"] == {}
+    chosen = api.best(work, ["3d_lowres", "3d_cascade_fullres"], progress=False)
+    names = {c["name"] for c in chosen["candidates"]}
+    assert {"3d_lowres", "3d_cascade_fullres"} <= names and len(names) == 3 and not chosen["skipped"]
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(work.parent / "raw" / "imagesTr" / "synth_001.nii.gz", images)
+    both = api.predict(images, tmp_path / "pair", work, ["3d_lowres", "3d_cascade_fullres"], [0], tta=False,
+                       device="cpu", progress=False)
+    assert both["n_done"] == 1
+    assert read_label(tmp_path / "pair" / "synth_001.nii.gz")[1] == read_geometry(images / "synth_001.nii.gz")[0]
