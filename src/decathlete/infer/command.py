@@ -63,7 +63,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from decathlete.api import predict
 
-    return predict(args.input, args.output, args.model, args.configuration, _folds(args), checkpoint=args.checkpoint,
+    configurations = args.configuration[0] if len(args.configuration) == 1 else args.configuration
+    return predict(args.input, args.output, args.model, configurations, _folds(args), checkpoint=args.checkpoint,
                    recipe=args.recipe, overrides=args.overrides, tta=False if args.no_tta else None, step=args.step,
                    whole_volume=not args.no_whole_volume, postprocess=not args.no_postprocessing,
                    save_probabilities=args.save_probabilities, overwrite=args.overwrite, device=args.device)

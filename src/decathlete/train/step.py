@@ -58,13 +58,13 @@ class TrainStep:
         """Channels of the sampled label: 2 for a cascade stage (its previous stage's labels second), else 1."""
         return 1 if self.previous_stage_values is None else 2
 
-    def inputs(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The network input and the label map it learns: a cascade stage's previous-stage channels appended
-        (augmented when a ``generator`` is given); the label's first channel."""
+    def with_previous_stage(self, image: torch.Tensor, previous: torch.Tensor,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """The network input: for a cascade stage ``image`` with the previous stage's labels ``previous``
+        ``(B, 1, ...)`` appended one-hot (augmented when a ``generator`` is given); else ``image`` itself."""
         if self.previous_stage_values is None:
-            return image, label
-        return previous_stage_channels(image, label[:, 1:], self.previous_stage_values, generator), label[:, :1]
+            return image
+        return previous_stage_channels(image, previous, self.previous_stage_values, generator)
 
     def batch(self, image: torch.Tensor, label: torch.Tensor) -> TrainingBatch:
         """The batch as the loss sees it: targets on every deep-supervision grid."""
@@ -76,11 +76,10 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image, label = augment(image, label, self.patch_size, self.augmentation, generator)
-        previous = label[:, 1:]
+        label, previous = label[:, :1], label[:, 1:]
         for transform in self.transforms:
-            image, target = transform(image, label[:, :1], generator)
-            label = torch.cat([target, previous], 1)
-        batch = self.batch(*self.inputs(image, label, generator))
+            image, label = transform(image, label, generator)
+        batch = self.batch(self.with_previous_stage(image, previous, generator), label)
         with autocast(self.device):
             output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
             loss = self.loss(output, batch)
@@ -96,7 +95,7 @@ class TrainStep:
     @torch.no_grad()
     def evaluate(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and full-resolution logits on an un-augmented batch (the network's mode is the caller's)."""
-        batch = self.batch(*self.inputs(image, label))
+        batch = self.batch(self.with_previous_stage(image, label[:, 1:]), label[:, :1])
         with autocast(self.device):
             output = NetOutput.of(self.net(in_memory_format(batch.image, self.device, self.dims)))
             loss = self.loss(output, batch).float()
