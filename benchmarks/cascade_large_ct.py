@@ -5,7 +5,8 @@
 Writes ``--cases`` synthetic CT volumes (`_synthetic_ct.synthetic_ct`, int16 HU, 5 organs) and one new case, then:
 ``plan`` (for the CPU, a time budget per configuration) -> ``preprocess`` -> ``train -c 3d_lowres -f every`` ->
 ``crossval -c 3d_lowres`` (which writes the cascade's inputs) -> ``train -c 3d_cascade_fullres -f 0`` ->
-``predict -c 3d_cascade_fullres -f 0`` of the new case. It checks that the plan holds 2d, 3d_fullres, 3d_lowres and
+``predict -c 3d_cascade_fullres -f 0`` of the new case (``--with-fullres``: 3d_fullres fold 0 trained for the same
+budget and predicting it too, for comparison). It checks that the plan holds 2d, 3d_fullres, 3d_lowres and
 3d_cascade_fullres and that the prediction carries the input's exact geometry, and records the Dice of both stages
 on the new case (its reference is generated with it), the planned configurations and the time of every command in
 ``benchmarks/results/cascade_large_ct.json``. This is a check that the cascade works at full size on a CPU, not an
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 320, 320), help="volume shape (z, y, x)")
     parser.add_argument("--budget", default="2m", help="training time budget of each configuration")
     parser.add_argument("--workers", type=int, default=2, help="processes for preprocessing and scoring")
+    parser.add_argument("--with-fullres", action="store_true",
+                        help="also train 3d_fullres fold 0 for the budget and predict the new case with it")
     args = parser.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
@@ -95,8 +98,11 @@ def main() -> None:
     run([cli, "train", str(work), "-c", "3d_lowres", "-f", "every"], times, "train_3d_lowres_every_fold")
     run([cli, "crossval", str(work), "-c", "3d_lowres", "-j", j], times, "crossval_3d_lowres")
     run([cli, "train", str(work), "-c", "3d_cascade_fullres", "-f", "0"], times, "train_3d_cascade_fullres_fold_0")
+    compared = ("3d_lowres", "3d_cascade_fullres", *(("3d_fullres",) if args.with_fullres else ()))
+    if args.with_fullres:
+        run([cli, "train", str(work), "-c", "3d_fullres", "-f", "0"], times, "train_3d_fullres_fold_0")
     outputs = {}
-    for config in ("3d_lowres", "3d_cascade_fullres"):
+    for config in compared:
         outputs[config] = args.root / f"predicted_{config}"
         run([cli, "predict", "-i", str(new), "-o", str(outputs[config]), "-m", str(work), "-c", config, "-f", "0"],
             times, f"predict_{config}_fold_0")
