@@ -154,11 +154,12 @@ def _cmd_best(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _show_best(result: dict[str, Any], args: argparse.Namespace) -> int:
-    print(f"{'candidate':24s} {'fg Dice':>8s} {'after pp':>8s}  Dice per label ({result['n_cases']} cases)")
+    width = max(len("candidate"), *(len(c["name"]) for c in result["candidates"]))
+    print(f"{'candidate':{width}s} {'fg Dice':>8s} {'after pp':>8s}  Dice per label ({result['n_cases']} cases)")
     for c in result["candidates"]:
         post = c["postprocessed_foreground_dice"]
         mark = " <- chosen" if c["name"] == result["chosen"]["name"] else ""
-        print(f"{c['name']:24s} {c['foreground_dice']:8.4f} {'-' if post is None else f'{post:.4f}':>8s}  "
+        print(f"{c['name']:{width}s} {c['foreground_dice']:8.4f} {'-' if post is None else f'{post:.4f}':>8s}  "
               + ", ".join(f"{k} {v:.4f}" for k, v in c["dice"].items()) + mark)
     for s in result["skipped"]:
         print(f"skipped {s['name']}: {s['reason']}; {s['fix']}")
