@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from decathlete.data.folds import fold_of
 from decathlete.data.splits import fold_split
 from decathlete.io.atomic import write_atomic, write_json_atomic
 from decathlete.io.images import SUPPORTED_SUFFIXES, read_label
@@ -60,10 +61,10 @@ def crossval_predictions(workdir: str | Path, plans: Plans, previous_model: Path
     """Case id -> the previous stage's cross-validation prediction of it, made by the fold that held it out."""
     found: dict[str, Path] = {}
     for fold_dir in sorted(previous_model.glob("fold_*")):
-        suffix = fold_dir.name.split("_", 1)[1]
-        if not suffix.isdigit() or not (fold_dir / "validation").is_dir():
+        fold = fold_of(fold_dir.name)
+        if not isinstance(fold, int) or not (fold_dir / "validation").is_dir():  # fold_all holds no case out
             continue
-        for cid in fold_split(workdir, plans, int(suffix))["val"]:
+        for cid in fold_split(workdir, plans, fold)["val"]:
             files = [fold_dir / "validation" / f"{cid}{s}" for s in SUPPORTED_SUFFIXES]
             present = [f for f in files if f.is_file()]
             if present:
