@@ -15,6 +15,7 @@ import torch
 from scipy import ndimage
 
 from decathlete import api
+from decathlete.crossval import write_next_stage_inputs
 from decathlete.data import cascade
 from decathlete.data.sampling import PatchSampler
 from decathlete.infer.cascade import CascadePredictor
@@ -210,6 +211,21 @@ def test_training_the_cascade_without_the_lowres_crossval_names_the_commands(wor
     with pytest.raises(FileNotFoundError, match=r"crossval .* -c 3d_lowres"):
         api.train(copy, "3d_cascade_fullres", 0, **QUICK)
     assert not (copy / "models" / "3d_cascade_fullres").exists()  # refused before its fold folder is made
+
+
+def test_inputs_the_lowres_crossval_could_not_write_are_written_by_the_cascades_training(work: Path,
+                                                                                         tmp_path: Path) -> None:
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("3d_cascade_fullres", "predicted_next_stage"))
+    lowres = copy / "models" / "3d_lowres" / "tiny"
+    marker = cache.properties_path(copy / "preprocessed" / "3d_fullres", CASES[1])
+    saved = marker.read_bytes()
+    marker.unlink()  # one case not (yet) preprocessed for the cascade: crossval leaves the inputs to training
+    assert write_next_stage_inputs(copy, lowres, "3d_lowres", CASES) == {}
+    marker.write_bytes(saved)
+    api.train(copy, "3d_cascade_fullres", 0, **QUICK)
+    written = sorted(p.name for p in (lowres / "predicted_next_stage" / "3d_fullres").glob("*.npy"))
+    assert written == [f"{c}.npy" for c in CASES]  # fold 0's train and val cases
 
 
 def test_predict_runs_the_lowres_stage_first_and_keeps_the_geometry(work: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from decathlete.io.datasets import load_dataset
 from decathlete.io.images import image_suffix, read_label, write_image
 from decathlete.labels import LabelScheme
 from decathlete.planning.plans import Plans
+from decathlete.preprocess.cache import read_properties
 from decathlete.recipes.base import Recipe
 
 NO_POSTPROCESSING = ("the recipe allows no postprocessing (inference.postprocessing=false): the candidates are "
@@ -94,20 +95,20 @@ def cross_validate(workdir: str | Path, configuration: str = "3d_fullres",
     if spec["foreground"] or spec["per_class"]:
         scored = _score_postprocessed(pairs, spec, labels, root, workers, ignore, progress)
         result["postprocessed_mean"] = scored["mean"]
-    result["next_stages"] = _next_stage_inputs(workdir, root, configuration, [cid for cid, _, _ in pairs])
+    result["next_stages"] = write_next_stage_inputs(workdir, root, configuration, [cid for cid, _, _ in pairs])
     write_json_atomic(root / "crossval" / "result.json", result)
     return result
 
 
-def _next_stage_inputs(workdir: Path, root: Path, configuration: str, case_ids: list[str]) -> dict[str, str]:
+def write_next_stage_inputs(workdir: Path, root: Path, configuration: str, case_ids: list[str]) -> dict[str, str]:
     """Cascade stage -> the folder of its inputs written from these predictions (module docstring); stages whose
-    cache is not there yet are left to their training."""
+    cases are not all preprocessed yet are left to their training."""
     plans = Plans.load(workdir / "plans.json") if (workdir / "plans.json").is_file() else None
     written = {}
     for name, config in (plans.configurations.items() if plans else ()):
         cache_dir = workdir / "preprocessed" / config.data_identifier
         if config.previous_stage == configuration and root.parent == workdir / "models" / configuration \
-                and cache_dir.is_dir():
+                and all(read_properties(cache_dir, cid) is not None for cid in case_ids):
             written[name] = str(prepare_previous_stage(workdir, plans, config, root.name, case_ids))
     return written
 
