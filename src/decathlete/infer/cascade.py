@@ -65,9 +65,10 @@ class CascadePredictor(Predictor):
                                        **{**predictor_kwargs, "postprocess": False, "recipe": None})
         self.previous_values = self.labels.foreground_values
 
-    def network_input(self, case: PreprocessedCase, image_paths: Sequence[str | Path] | str | Path) -> np.ndarray:
+    def network_input(self, case: PreprocessedCase, image_paths: Sequence[str | Path] | str | Path,
+                      progress: bool = False) -> np.ndarray:
         """The image and, one-hot per foreground label, the previous stage's prediction of it on the same grid."""
-        label, _ = self.previous.predict_case(image_paths, case_id=case.properties["case_id"])
+        label, _, _ = self.previous._predict(image_paths, case.properties["case_id"], False, progress=progress)
         grid = labels_on_preprocessed_grid(label, case.properties)
         onehot = np.stack([grid == v for v in self.previous_values]).astype(np.float32)
         return np.concatenate([case.data, onehot])

@@ -178,7 +178,7 @@ class Predictor:
                 f"{self.n_channels} ({', '.join(map(str, self.plans.dataset['channel_names'].values()))})"
             )
         with phase(seconds, "network"):
-            probabilities = self.predict_probabilities(self.network_input(case, image_paths), progress)
+            probabilities = self.predict_probabilities(self.network_input(case, image_paths, progress), progress)
         del case.data
         with phase(seconds, "export"):
             label, full = invert_preprocessing(
@@ -187,9 +187,10 @@ class Predictor:
             label = apply_postprocessing(label, self.postprocessing)
         return label, full, Geometry.from_dict(case.properties["geometry"])
 
-    def network_input(self, case: PreprocessedCase, image_paths: Sequence[str | Path] | str | Path) -> np.ndarray:
+    def network_input(self, case: PreprocessedCase, image_paths: Sequence[str | Path] | str | Path,
+                      progress: bool = False) -> np.ndarray:
         """What the networks see of a preprocessed case: its image (a cascade stage adds its previous stage's
-        prediction, `decathlete.infer.cascade`)."""
+        prediction, `decathlete.infer.cascade`, with its own progress bars when ``progress``)."""
         return case.data
 
     def run_description(self) -> dict[str, Any]:
