@@ -215,14 +215,13 @@ def plan_cascade(fullres: Configuration, previous: str, n_in: int, n_previous: i
                  memory_kind: str) -> Configuration:
     """nnU-Net's cascade stage: ``fullres``'s plan (same cache, patch, batch and network) taking ``previous``'s
     prediction as ``n_previous`` more input channels (one-hot per foreground label)."""
-    net, kwargs = fullres.network.name, copy.deepcopy(fullres.network.kwargs)
-    channels = n_in + n_previous
-    memory = memory_gb(net, kwargs, fullres.patch_size, fullres.batch_size, channels, n_out, memory_kind)
-    return replace(fullres, network=NetworkSpec(net, kwargs), previous_stage=previous,
-                   parameters=get("nets", net).parameter_count(channels, n_out, **kwargs),
-                   memory_estimate_gb=round(memory, 3), notes=[
-                       *fullres.notes, f"cascade: takes {previous}'s cross-validation predictions as {n_previous} "
-                       "more input channels (one-hot per foreground label)"])
+    cascade = copy.deepcopy(fullres)  # no list shared with 3d_fullres: a later edit of one must not reach the other
+    net, kwargs, channels = cascade.network.name, cascade.network.kwargs, n_in + n_previous
+    memory = memory_gb(net, kwargs, cascade.patch_size, cascade.batch_size, channels, n_out, memory_kind)
+    cascade.notes.append(f"cascade: takes {previous}'s cross-validation predictions as {n_previous} more input "
+                         "channels (one-hot per foreground label)")
+    return replace(cascade, previous_stage=previous, memory_estimate_gb=round(memory, 3),
+                   parameters=get("nets", net).parameter_count(channels, n_out, **kwargs))
 
 
 def transpose_axes(spacing: np.ndarray | list[float]) -> tuple[list[int], list[int]]:
